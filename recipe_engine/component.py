@@ -41,7 +41,7 @@ class Component:
     @classmethod
     def params_spec(cls) -> dict[str, tuple[Any, Any]]:
         """Parameter name -> (type annotation, default or REQUIRED)."""
-        hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
+        hints = typing.get_type_hints(cls)
         spec: dict[str, tuple[Any, Any]] = {}
         for f in dataclasses.fields(cls):
             if not f.init or f.name.startswith("_"):

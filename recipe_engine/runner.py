@@ -1,0 +1,219 @@
+"""Runs a validated recipe: fingerprints, store lookups, stage execution, atomic commits."""
+from __future__ import annotations
+
+import platform
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .component import Artifact, StageContext
+from .errors import RecipeError, StageError
+from .plugins import PluginManager
+from .progress import Progress
+from .store import Store, fingerprint
+from .validate import Recipe, StageSpec
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, error: BaseException, summary: dict[str, Any]):
+        self.stage, self.error, self.summary = stage, error, summary
+        super().__init__(f"stage {stage!r} failed: {type(error).__name__}: {error}")
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    spec: StageSpec
+    fingerprint: str
+    status: str  # cached | stale | new  (stale: this stage had another fingerprint before)
+    estimates: dict[str, Any]
+
+
+def compute_fingerprints(recipe: Recipe, pm: PluginManager) -> dict[str, str]:
+    fps: dict[str, str] = {}
+    for name, spec in recipe.stages.items():
+        stage = spec.instantiate(pm.registry)
+        fps[name] = fingerprint({
+            "component": spec.component.name,
+            "versions": spec.versions,
+            "params": spec.params,
+            "inputs": {slot: fps[up] for slot, up in sorted(spec.inputs.items())},
+            "extra": stage.fingerprint_extra(),
+        })
+    return fps
+
+
+def plan(recipe: Recipe, pm: PluginManager, store: Store) -> list[PlannedStage]:
+    fps = compute_fingerprints(recipe, pm)
+    index = store.index(recipe.name)
+    metas: dict[str, dict[str, Any]] = {}
+    out = []
+    for name, spec in recipe.stages.items():
+        fp = fps[name]
+        found = store.lookup(fp)
+        if found:
+            status = "cached"
+            metas[name] = found.meta
+        else:
+            status = "stale" if name in index else "new"
+        inputs_meta = {slot: metas.get(up, {}) for slot, up in spec.inputs.items()}
+        try:
+            estimates = spec.instantiate(pm.registry).describe_plan(inputs_meta) or {}
+        except Exception as e:  # an estimate must never break planning
+            estimates = {"error": f"{type(e).__name__}: {e}"}
+        metas.setdefault(name, estimates.get("meta", {}))
+        out.append(PlannedStage(name, spec, fp, status, estimates))
+    return out
+
+
+def _summary_entry(name: str, spec: StageSpec, fp: str, status: str, seconds: float,
+                   artifact: Artifact) -> dict[str, Any]:
+    return {
+        "name": name,
+        "component": spec.component.name,
+        "fingerprint": fp,
+        "status": status,
+        "seconds": round(seconds, 3),
+        "artifact": str(artifact.path),
+        "metrics": artifact.manifest.get("metrics", {}),
+    }
+
+
+def run(
+    recipe: Recipe,
+    pm: PluginManager,
+    store: Store,
+    force: set[str] | None = None,
+    until: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the recipe; returns the summary. Raises StageFailed (summary so far attached)."""
+    force = set(force or ())
+    unknown = [s for s in force | ({until} if until else set()) if s != "*" and s not in recipe.stages]
+    if unknown:
+        raise RecipeError("; ".join(f"no stage named {s!r} (stages: {', '.join(recipe.stages)})"
+                                    for s in unknown))
+    selected = list(recipe.stages)
+    if until:
+        wanted = recipe.upstream(until)
+        selected = [s for s in selected if s in wanted]
+    forced = recipe.downstream(set(recipe.stages) if "*" in force else force)
+    fps = compute_fingerprints(recipe, pm)
+    progress = progress or Progress(len(selected))
+    hook = pm.hook
+    hook.recipe_run_started(recipe_name=recipe.name, stages=selected, store=str(store.root))
+    summary: dict[str, Any] = {"recipe": recipe.name, "store": str(store.root), "stages": []}
+    artifacts: dict[str, Artifact] = {}
+    for name in selected:
+        spec, fp = recipe.stages[name], fps[name]
+        t0 = time.monotonic()
+        found = None if name in forced else store.lookup(fp)
+        if found is not None:
+            artifacts[name] = found
+            entry = _summary_entry(name, spec, fp, "cached", time.monotonic() - t0, found)
+            summary["stages"].append(entry)
+            progress.stage_finished(name, "cached", entry["seconds"])
+            hook.recipe_stage_finished(stage=name, result=entry)
+            continue
+        with store.lock(fp):
+            # a concurrent job may have committed while we waited for the lock
+            found = None if name in forced else store.lookup(fp)
+            status = "cached"
+            if found is None:
+                status = "ran"
+                try:
+                    found = _run_stage(recipe, pm, store, spec, fp, fps, artifacts, progress)
+                except BaseException as e:
+                    progress.stage_failed(name, e)
+                    hook.recipe_stage_failed(stage=name, error=e)
+                    summary["stages"].append({"name": name, "component": spec.component.name,
+                                              "fingerprint": fp, "status": "failed",
+                                              "seconds": round(time.monotonic() - t0, 3),
+                                              "error": f"{type(e).__name__}: {e}"})
+                    store.save_run(summary)
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+                    raise StageFailed(name, e, summary) from e
+                store.record(recipe.name, name, fp)
+        artifacts[name] = found
+        entry = _summary_entry(name, spec, fp, status, time.monotonic() - t0, found)
+        summary["stages"].append(entry)
+        progress.stage_finished(name, status, entry["seconds"], _headline(entry["metrics"]))
+        hook.recipe_stage_finished(stage=name, result=entry)
+    store.save_run(summary)
+    hook.recipe_run_finished(summary=summary)
+    return summary
+
+
+def _headline(metrics: dict[str, Any], n: int = 3) -> str:
+    items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))][:n]
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+
+def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec, fp: str,
+               fps: dict[str, str], artifacts: dict[str, Artifact], progress: Progress) -> Artifact:
+    registry = pm.registry
+    stage = spec.instantiate(registry)
+    executor = registry.build("executor", spec.executor)
+    resumed = store.scratch_exists(fp)
+    out, scratch = store.begin(fp)
+    ctx = StageContext(
+        stage=spec.name,
+        fingerprint=fp,
+        inputs={slot: artifacts[up] for slot, up in spec.inputs.items()},
+        output=out,
+        work=scratch,
+        executor=executor,  # type: ignore[arg-type]
+        build_fn=registry.build,
+        progress_fn=progress.update,
+        log_fn=progress.log,
+        max_skip_fraction=recipe.max_skip_fraction,
+    )
+    progress.stage_started(spec.name, spec.component.name)
+    if resumed:
+        ctx.log("resuming: found state of an earlier attempt")
+    pm.hook.recipe_stage_started(stage=spec.name, component=spec.component.name, fingerprint=fp)
+    started = time.time()
+    t0 = time.monotonic()
+    stage.run(ctx)
+    seconds = time.monotonic() - t0
+    if "seconds" not in ctx.metrics:
+        ctx.metrics["seconds"] = round(seconds, 3)
+    reg = registry.find("stage", spec.component.name)
+    manifest = {
+        "fingerprint": fp,
+        "recipe": recipe.name,
+        "stage": spec.name,
+        "component": spec.component.name,
+        "version": spec.component.version,
+        "versions": spec.versions,
+        "package": reg.package if reg else "?",
+        "kind": spec.component.output,
+        "params": spec.params,
+        "inputs": {slot: {"stage": up, "fingerprint": fps[up]} for slot, up in spec.inputs.items()},
+        "extra": stage.fingerprint_extra(),
+        "meta": ctx.meta,
+        "metrics": ctx.metrics,
+        "counts": ctx.counts,
+        "resumed": resumed,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(seconds, 3),
+        "host": socket.gethostname(),
+        "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
+                        "recipe_engine": __version__},
+    }
+    return store.commit(fp, out, manifest)
+
+
+def format_error(e: BaseException) -> str:
+    if isinstance(e, StageFailed):
+        err = e.error
+        if isinstance(err, (StageError, RecipeError)):
+            return f"stage {e.stage!r} failed: {err}"
+        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__)[-6:])
+        return f"stage {e.stage!r} failed: {type(err).__name__}: {err}\n{tb}"
+    return str(e)

@@ -1,0 +1,350 @@
+"""Check a composed recipe against the registry before anything runs, collecting every
+problem: unknown components and parameters (with did-you-mean), missing parameters, wrong
+types, inputs of the wrong artifact kind, references to missing stages, cycles."""
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from .component import REQUIRED, Component, Stage
+from .config import LoadedRecipe
+from .errors import Problem, RecipeError, did_you_mean
+from .graph import topological_order
+from .plugins import Registry
+
+STAGE_KEYS = ("component", "inputs", "params", "executor", "description")
+DEFAULT_EXECUTOR = {"name": "local"}
+
+
+@dataclass
+class StageSpec:
+    name: str
+    component: type[Stage]
+    params: dict[str, Any]  # resolved, defaults filled, sub-components as {name, **params}
+    inputs: dict[str, str]  # slot -> upstream stage name
+    executor: dict[str, Any]
+    versions: dict[str, str] = field(default_factory=dict)  # "kind/name" -> version used
+
+    def instantiate(self, registry: Registry) -> Stage:
+        return self.component(**self.params)
+
+
+@dataclass
+class Recipe:
+    name: str
+    loaded: LoadedRecipe
+    stages: dict[str, StageSpec]  # in run order
+    config: dict[str, Any]
+    max_skip_fraction: float = 0.05
+
+    def downstream(self, names: set[str]) -> set[str]:
+        out = set(names)
+        for spec in self.stages.values():  # run order: parents come first
+            if any(up in out for up in spec.inputs.values()):
+                out.add(spec.name)
+        return out
+
+    def upstream(self, name: str) -> set[str]:
+        out, todo = set(), [name]
+        while todo:
+            n = todo.pop()
+            if n not in out:
+                out.add(n)
+                todo += list(self.stages[n].inputs.values())
+        return out
+
+
+class _Checker:
+    def __init__(self, loaded: LoadedRecipe, registry: Registry):
+        self.loaded = loaded
+        self.registry = registry
+        self.problems: list[Problem] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(Problem(key=key, message=message, file=self.loaded.locate(key)))
+
+    # -- parameters ---------------------------------------------------------------------
+
+    def params(self, cls: type[Component], given: Any, key: str,
+               versions: dict[str, str]) -> dict[str, Any] | None:
+        if given is None:
+            given = {}
+        if not isinstance(given, dict):
+            self.problem(key, f"parameters of {cls.name!r} must be a mapping, got {given!r}")
+            return None
+        spec = cls.params_spec()
+        ok = True
+        for name in given:
+            if name not in spec:
+                hint = did_you_mean(str(name), spec)
+                self.problem(f"{key}.{name}", f"unknown parameter of {cls.kind} "
+                             f"{cls.name!r}{hint}; it takes: {', '.join(spec) or 'nothing'}")
+                ok = False
+        out: dict[str, Any] = {}
+        for name, (annotation, default) in spec.items():
+            if name not in given:
+                if default is REQUIRED:
+                    self.problem(f"{key}.{name}", f"missing required parameter of {cls.kind} "
+                                 f"{cls.name!r} ({_type_name(annotation)})")
+                    ok = False
+                else:
+                    out[name] = default
+                continue
+            value = given[name]
+            if name in cls.subcomponents:
+                built = self.subcomponents(cls.subcomponents[name], value, f"{key}.{name}", versions)
+                ok = ok and built is not None
+                out[name] = built
+                continue
+            err = _type_error(value, annotation)
+            if err:
+                self.problem(f"{key}.{name}", err)
+                ok = False
+            out[name] = value
+        # subcomponents left at their defaults still need expanding
+        for name, kind in cls.subcomponents.items():
+            if name not in given and out.get(name) not in (None, REQUIRED):
+                out[name] = self.subcomponents(kind, out[name], f"{key}.{name}", versions)
+                ok = ok and out[name] is not None
+        if not ok:
+            return None
+        try:
+            cls(**out)  # __post_init__ checks (cheap, side-effect free by contract)
+        except RecipeError as e:
+            for p in e.problems:
+                self.problem(key, p.message)
+            return None
+        except (TypeError, ValueError) as e:
+            self.problem(key, f"{cls.kind} {cls.name!r} rejected its parameters: {e}")
+            return None
+        return out
+
+    def subcomponents(self, kind: str, value: Any, key: str,
+                      versions: dict[str, str]) -> Any:
+        if isinstance(value, list):
+            items = [self.subcomponent(kind, v, f"{key}.{i}", versions) for i, v in enumerate(value)]
+            return None if any(i is None for i in items) else items
+        return self.subcomponent(kind, value, key, versions)
+
+    def subcomponent(self, kind: str, value: Any, key: str,
+                     versions: dict[str, str]) -> dict[str, Any] | None:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict) or "name" not in value:
+            self.problem(key, f"expected a {kind} component: {{name: ..., <params>}}, got {value!r}")
+            return None
+        params = dict(value)
+        name = params.pop("name")
+        reg = self.registry.find(kind, str(name))
+        if reg is None:
+            choices = self.registry.names(kind)
+            self.problem(f"{key}.name", f"unknown {kind} component {name!r}"
+                         f"{did_you_mean(str(name), choices)}; registered: {', '.join(choices) or 'none'}")
+            return None
+        versions[f"{kind}/{name}"] = reg.version
+        resolved = self.params(reg.cls, params, key, versions)
+        return None if resolved is None else {"name": name, **resolved}
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def recipe(self, config: dict[str, Any]) -> dict[str, StageSpec]:
+        stages = config.get("stages")
+        if not isinstance(stages, dict) or not stages:
+            self.problem("stages", "a recipe needs a non-empty 'stages:' mapping of name -> stage")
+            return {}
+        default_executor = config.get("executor", DEFAULT_EXECUTOR)
+        specs: dict[str, StageSpec] = {}
+        for name, raw in stages.items():
+            spec = self.stage(str(name), raw, stages, default_executor)
+            if spec is not None:
+                specs[spec.name] = spec
+        return specs
+
+    def stage(self, name: str, raw: Any, stages: dict[str, Any],
+              default_executor: Any) -> StageSpec | None:
+        key = f"stages.{name}"
+        if not isinstance(raw, dict):
+            self.problem(key, "a stage is a mapping with 'component', 'inputs' and 'params'")
+            return None
+        for k in raw:
+            if k not in STAGE_KEYS:
+                self.problem(f"{key}.{k}", f"unknown stage key{did_you_mean(str(k), STAGE_KEYS)}; "
+                             f"a stage takes: {', '.join(STAGE_KEYS)}")
+        comp = raw.get("component")
+        if not comp:
+            self.problem(f"{key}.component", "missing: which registered component runs this stage")
+            return None
+        reg = self.registry.find("stage", str(comp))
+        if reg is None:
+            other = [k for k in self.registry.kinds() if self.registry.find(k, str(comp))]
+            if other:
+                msg = (f"{comp!r} is a {other[0]} component, not a stage; "
+                       f"stages are: {', '.join(self.registry.names('stage'))}")
+            else:
+                msg = (f"unknown component {comp!r}"
+                       f"{did_you_mean(str(comp), self.registry.names('stage'))}")
+            self.problem(f"{key}.component", msg)
+            return None
+        cls: type[Stage] = reg.cls  # type: ignore[assignment]
+        inputs = self.inputs(cls, raw.get("inputs"), f"{key}.inputs", stages)
+        versions = {f"stage/{comp}": reg.version}
+        params = self.params(cls, raw.get("params"), f"{key}.params", versions)
+        executor = self.subcomponent("executor", raw.get("executor", default_executor),
+                                     f"{key}.executor", {})
+        if inputs is None or params is None or executor is None:
+            return None
+        return StageSpec(name, cls, params, inputs, executor, versions)
+
+    def inputs(self, cls: type[Stage], raw: Any, key: str,
+               stages: dict[str, Any]) -> dict[str, str] | None:
+        slots = cls.inputs
+        if raw is None:
+            raw = {}
+        if isinstance(raw, str):
+            if len(slots) != 1:
+                self.problem(key, f"{cls.name!r} has input slots {list(slots)}; name them: "
+                             f"inputs: {{{', '.join(f'{s}: <stage>' for s in slots)}}}")
+                return None
+            raw = {next(iter(slots)): raw}
+        if not isinstance(raw, dict):
+            self.problem(key, f"inputs must map slot -> stage name, got {raw!r}")
+            return None
+        ok = True
+        for slot, upstream in raw.items():
+            if slot not in slots:
+                self.problem(f"{key}.{slot}", f"{cls.name!r} has no input {slot!r}"
+                             f"{did_you_mean(str(slot), slots)}; its inputs: {', '.join(slots) or 'none'}")
+                ok = False
+                continue
+            if upstream not in stages:
+                self.problem(f"{key}.{slot}", f"no stage named {upstream!r}"
+                             f"{did_you_mean(str(upstream), stages)}")
+                ok = False
+                continue
+            produced = self._output_kind(stages[upstream])
+            if produced and produced != slots[slot]:
+                self.problem(f"{key}.{slot}", f"input {slot!r} needs a {slots[slot]} artifact, "
+                             f"but stage {upstream!r} produces {produced}")
+                ok = False
+        for slot in slots:
+            if slot not in raw:
+                self.problem(f"{key}.{slot}", f"missing input {slot!r} ({slots[slot]}) of {cls.name!r}")
+                ok = False
+        return {str(s): str(u) for s, u in raw.items()} if ok else None
+
+    def _output_kind(self, raw: Any) -> str | None:
+        if isinstance(raw, dict):
+            reg = self.registry.find("stage", str(raw.get("component")))
+            if reg is not None:
+                return reg.cls.output  # type: ignore[attr-defined]
+        return None
+
+
+def validate(loaded: LoadedRecipe, registry: Registry) -> Recipe:
+    """Resolve interpolations, check every stage, order the graph. Raises RecipeError
+    listing every problem found."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    checker = _Checker(loaded, registry)
+    config = _resolve(loaded.cfg, checker)
+    specs = checker.recipe(config)
+    order: list[str] = []
+    if specs:
+        edges = {n: list(s.inputs.values()) for n, s in specs.items()}
+        order, cycle = topological_order(list(specs), edges)
+        if cycle:
+            checker.problem(f"stages.{cycle[0]}.inputs",
+                            "the stages form a cycle: " + " -> ".join(cycle + [cycle[0]]))
+    if checker.problems:
+        raise RecipeError(checker.problems)
+    max_skip = config.get("max_skip_fraction", 0.05)
+    return Recipe(name=loaded.name, loaded=loaded, stages={n: specs[n] for n in order},
+                  config=config, max_skip_fraction=float(max_skip))
+
+
+def _resolve(cfg: Any, checker: _Checker) -> dict[str, Any]:
+    """Resolve every interpolation; on failure, find each failing key (all of them)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException:
+        pass
+
+    def walk(node: Any, key: str) -> Any:
+        if OmegaConf.is_dict(node):
+            out = {}
+            for k in node.keys():
+                try:
+                    child = node._get_node(k)._dereference_node()  # raises on a bad interpolation
+                except OmegaConfBaseException as e:
+                    checker.problem(f"{key}.{k}".lstrip("."), _short(e))
+                    continue
+                out[str(k)] = walk(child, f"{key}.{k}".lstrip("."))
+            return out
+        if OmegaConf.is_list(node):
+            return [walk(node._get_node(i)._dereference_node(), f"{key}.{i}") for i in range(len(node))]
+        try:
+            return OmegaConf.to_container(OmegaConf.create({"v": node}), resolve=True)["v"]
+        except OmegaConfBaseException as e:
+            checker.problem(key, _short(e))
+            return None
+
+    return walk(cfg, "")
+
+
+def _short(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+# -- light type checking of parameters --------------------------------------------------------
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _type_error(value: Any, annotation: Any) -> str | None:
+    if _matches(value, annotation):
+        return None
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        hint = did_you_mean(str(value), [str(c) for c in choices])
+        return f"{value!r} is not one of {', '.join(map(repr, choices))}{hint}"
+    return f"expected {_type_name(annotation)}, got {type(value).__name__} {value!r}"
+
+
+def _matches(value: Any, t: Any) -> bool:
+    if t is Any or t is object:
+        return True
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if origin is Union or (types.UnionType is not None and origin is types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if t is type(None):
+        return value is None
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple) or t in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if args and origin is list:
+            return all(_matches(v, args[0]) for v in value)
+        return True
+    if origin is dict or t is dict:
+        return isinstance(value, dict)
+    if isinstance(t, type):
+        return isinstance(value, t)
+    return True

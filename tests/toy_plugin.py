@@ -1,0 +1,95 @@
+"""A tiny plugin used by the core tests: stages that are cheap and observable."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from recipe_engine import Component, Stage, StageContext, StageError, hookimpl
+from recipe_engine.artifacts import iter_documents, part_name, write_documents
+
+
+@dataclass(kw_only=True)
+class ToyNumbers(Stage):
+    kind: ClassVar[str] = "source"
+    name: ClassVar[str] = "toy_numbers"
+    output: ClassVar[str] = "documents"
+    description: ClassVar[str] = "documents 0..count-1"
+    count: int
+    prefix: str = "doc"
+
+    def run(self, ctx: StageContext) -> None:
+        docs = [{"id": f"{self.prefix}{i}", "text": f"{self.prefix} {i}", "source": "toy",
+                 "path": None} for i in range(self.count)]
+        write_documents(ctx.output / part_name(0), docs)
+        ctx.meta["num_documents"] = len(docs)
+        ctx.metrics["documents"] = len(docs)
+
+
+@dataclass(kw_only=True)
+class ToyMarker(Component):
+    kind: ClassVar[str] = "toy_marker"
+    name: ClassVar[str] = "bang"
+    times: int = 1
+
+
+@dataclass(kw_only=True)
+class ToyUpper(Stage):
+    kind: ClassVar[str] = "filter"
+    name: ClassVar[str] = "toy_upper"
+    inputs: ClassVar[dict[str, str]] = {"documents": "documents"}
+    output: ClassVar[str] = "documents"
+    subcomponents: ClassVar[dict[str, str]] = {"marker": "toy_marker"}
+    suffix: str = ""
+    mode: Literal["upper", "lower"] = "upper"
+    marker: dict = None  # type: ignore[assignment]
+    fail: bool = False
+
+    def run(self, ctx: StageContext) -> None:
+        if self.fail:
+            (ctx.output / "partial.txt").write_text("half")
+            raise StageError("toy failure requested")
+        bang = "!" * ctx.build("toy_marker", self.marker).times if self.marker else ""
+        docs = []
+        for d in iter_documents(ctx.inputs["documents"].path):
+            t = d["text"].upper() if self.mode == "upper" else d["text"].lower()
+            docs.append({**d, "text": t + self.suffix + bang})
+        write_documents(ctx.output / part_name(0), docs)
+        ctx.metrics["documents"] = len(docs)
+
+
+@dataclass(kw_only=True)
+class ToyReport(Stage):
+    kind: ClassVar[str] = "evaluate"
+    name: ClassVar[str] = "toy_report"
+    inputs: ClassVar[dict[str, str]] = {"documents": "documents"}
+    output: ClassVar[str] = "eval_report"
+    lr: float = 0.1
+
+    def run(self, ctx: StageContext) -> None:
+        n = sum(len(d["text"]) for d in iter_documents(ctx.inputs["documents"].path))
+        ctx.metrics["score"] = n * self.lr
+        (ctx.output / "report.json").write_text(json.dumps(ctx.metrics))
+
+
+@dataclass(kw_only=True)
+class ToyNeedsTokenizer(Stage):
+    kind: ClassVar[str] = "shards"
+    name: ClassVar[str] = "toy_needs_tokenizer"
+    inputs: ClassVar[dict[str, str]] = {"tokenizer": "tokenizer"}
+    output: ClassVar[str] = "shards"
+
+    def run(self, ctx: StageContext) -> None:  # never runs: validation rejects it
+        raise AssertionError
+
+
+@hookimpl
+def recipe_components():
+    return [ToyNumbers, ToyMarker, ToyUpper, ToyReport, ToyNeedsTokenizer]
+
+
+@hookimpl
+def recipe_config_dirs():
+    from pathlib import Path
+
+    return [str(Path(__file__).parent / "recipes" / "toy_groups")]
