@@ -179,16 +179,16 @@ def load(path: str | os.PathLike, overrides: list[str], config_dirs: list[str]) 
 
 
 def from_job_config(path: str | os.PathLike, cfg: Any, config_dirs: list[str]) -> LoadedRecipe:
-    """A LoadedRecipe for one job of a multirun (Hydra hands the job its composed config)."""
-    from omegaconf import OmegaConf, open_dict
+    """A LoadedRecipe for one job of a multirun (Hydra hands the job its composed config,
+    without the ``hydra`` node; that lives in ``HydraConfig``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
     recipe = Path(path).resolve()
-    overrides = list(OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False))  # type: ignore
-    choices = dict(OmegaConf.to_container(cfg.hydra.runtime.choices, resolve=False))  # type: ignore
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        del cfg["hydra"]
-    # provenance is recomputed lazily: a job config was validated before the sweep started
+    hc = HydraConfig.get()
+    overrides = list(OmegaConf.to_container(hc.overrides.task, resolve=False))  # type: ignore
+    choices = dict(OmegaConf.to_container(hc.runtime.choices, resolve=False))  # type: ignore
+    # provenance falls back to the recipe file: a sweep's jobs share the first job's files
     return LoadedRecipe(recipe, overrides, cfg, [], choices)
 
 

@@ -253,7 +253,7 @@ def validate(loaded: LoadedRecipe, registry: Registry) -> Recipe:
     specs = checker.recipe(config)
     order: list[str] = []
     if specs:
-        edges = {n: list(s.inputs.values()) for n, s in specs.items()}
+        edges = {n: [u for u in s.inputs.values() if u in specs] for n, s in specs.items()}
         order, cycle = topological_order(list(specs), edges)
         if cycle:
             checker.problem(f"stages.{cycle[0]}.inputs",
