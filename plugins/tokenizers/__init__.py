@@ -1,7 +1,15 @@
-"""Built-in tokenizers components."""
+"""Built-in tokenizer components: ``sentencepiece_bpe`` (train a tokenizer for code) and
+``mds_shards`` (tokenize, pack and write mosaicml-streaming shards).
+
+The runtime tokenizer other stages load is ``recipe_engine_plugins.tokenizers.spm.Tokenizer``.
+Nothing heavy is imported here: sentencepiece, numpy and streaming load inside ``run``.
+"""
 from recipe_engine import hookimpl
+
+from .shards import MDSShards
+from .train import SentencePieceBPE
 
 
 @hookimpl
 def recipe_components():
-    return []
+    return [SentencePieceBPE, MDSShards]
