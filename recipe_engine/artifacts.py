@@ -6,7 +6,6 @@ keys are carried along. Parts are independent units of parallel work and of resu
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -36,11 +35,19 @@ def list_parts(directory: Path) -> list[Path]:
 
 def read_documents(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the records of one part file."""
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    pending = b""
     with open(path, "rb") as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw)
-        for line in io.TextIOWrapper(reader, encoding="utf-8"):
-            if line.strip():
-                yield json.loads(line)
+        for chunk in iter(lambda: raw.read(1 << 20), b""):
+            lines = (pending + dobj.decompress(chunk)).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
+    if not dobj.eof:  # a truncated part must not read as a short one
+        raise ValueError(f"{path}: truncated zstd stream (the file is damaged)")
+    if pending.strip():
+        yield json.loads(pending)
 
 
 def iter_documents(directory: Path) -> Iterator[dict[str, Any]]:
@@ -57,7 +64,11 @@ def write_documents(path: Path, docs: Iterable[dict[str, Any]], level: int = 3) 
     with open(tmp, "wb") as raw:
         with zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=False) as writer:
             for doc in docs:
-                writer.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
+                try:
+                    line = (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
+                except UnicodeEncodeError:  # lone surrogates: keep them as JSON escapes
+                    line = (json.dumps(doc) + "\n").encode("ascii")
+                writer.write(line)
                 n += 1
         raw.flush()
         os.fsync(raw.fileno())

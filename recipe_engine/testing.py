@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ def run_stage(
         executor = pm.registry.build("executor", {"name": "serial"})  # type: ignore[assignment]
     root = Path(root)
     out, work = root / "out", root / "work"
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # like the runner: every attempt starts from an empty output
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     work.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(
         stage=stage.name,

@@ -1,7 +1,19 @@
-"""Built-in data components."""
+"""Built-in data components: ``files_source`` (documents from files), ``filter`` with the
+``length`` and ``code_quality`` document filters, and ``exact_dedup``.
+
+These modules import only the standard library and the core (zstandard); the stages do
+their work per part through the stage's executor, and resume per part after a crash.
+"""
 from recipe_engine import hookimpl
+
+from .dedup import ExactDedup
+from .filters import CodeQualityFilter, DocumentFilter, FilterStage, LengthFilter
+from .source import FilesSource
+
+__all__ = ["CodeQualityFilter", "DocumentFilter", "ExactDedup", "FilesSource", "FilterStage",
+           "LengthFilter"]
 
 
 @hookimpl
 def recipe_components():
-    return []
+    return [FilesSource, FilterStage, LengthFilter, CodeQualityFilter, ExactDedup]

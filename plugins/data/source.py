@@ -1,0 +1,432 @@
+"""``files_source``: documents from the files under a directory.
+
+Every matched file is one document, except JSONL files (``format: jsonl``, or ``auto`` and a
+name ending in ``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz`` or ``.ndjson``), where every line is
+one. Patterns are globs relative to ``root`` with ``**`` for any number of directories:
+``*.py`` matches only at the top, ``**/*.py`` everywhere. ``root`` may also be an fsspec URL
+(``s3://bucket/dir``) when the matching fsspec backend is installed.
+
+Files are read in sorted path order, in chunks through the stage's executor; each chunk
+becomes one or more parts. Malformed input (undecodable UTF-8, unreadable files, bad JSON,
+a missing or non-string text field) is skipped and counted as ``skipped.<reason>``; empty
+and oversized documents are dropped and counted as ``dropped.<reason>``.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Literal, NamedTuple
+
+import zstandard
+
+from recipe_engine import Stage, StageContext, StageError
+from recipe_engine.artifacts import write_documents
+
+from ._parts import clear_parts, merge_counts, place_parts, run_tasks, task_key
+
+PART_BYTES = 64 << 20  # a chunk of text files (one part) holds at most this much, in memory
+JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".ndjson")
+
+
+class Entry(NamedTuple):
+    rel: str  # path relative to root, with "/"
+    size: int  # -1 when the file could not be stat'ed
+    stamp: str  # modification time (or the remote store's version tag)
+
+
+@dataclass(kw_only=True)
+class FilesSource(Stage):
+    """Documents from local (or fsspec) files: one per file, or one per line of JSONL."""
+
+    kind: ClassVar[str] = "source"
+    name: ClassVar[str] = "files_source"
+    output: ClassVar[str] = "documents"
+    description: ClassVar[str] = "documents from the files under a directory (text or JSONL)"
+
+    root: str
+    include: list[str] = field(default_factory=lambda: ["**/*.py"])
+    exclude: list[str] = field(default_factory=list)
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    text_key: str = "text"  # JSONL: the field holding the text
+    source_name: str = ""  # default: the root directory's name
+    max_file_bytes: int = 2_000_000  # text files (JSONL: each record's text) above are dropped
+    docs_per_part: int = 500
+
+    def __post_init__(self) -> None:
+        if not self.include:
+            raise ValueError("include must name at least one glob pattern")
+        if self.docs_per_part < 1 or self.max_file_bytes < 1:
+            raise ValueError("docs_per_part and max_file_bytes must be positive")
+
+    @property
+    def source(self) -> str:
+        return self.source_name or os.path.basename(self.root.rstrip("/")) or "files"
+
+    def is_jsonl(self, rel: str) -> bool:
+        return self.format == "jsonl" or (self.format == "auto" and rel.endswith(JSONL_SUFFIXES))
+
+    def list_files(self) -> list[Entry]:
+        """The matched files, sorted by relative path. StageError when root is no directory."""
+        return list_files(self.root, self.include, self.exclude)
+
+    def fingerprint_extra(self) -> str:
+        try:
+            entries = self.list_files()
+        except Exception as e:  # plan must work where the data is not (yet) reachable
+            return f"unlisted: {type(e).__name__}: {e}"
+        h = hashlib.sha256()
+        for e in entries:
+            h.update(f"{e.rel}\0{e.size}\0{e.stamp}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+    def run(self, ctx: StageContext) -> None:
+        entries = self.list_files()
+        if not entries:
+            raise StageError(f"files_source: no file under {self.root!r} matches "
+                             f"include={self.include} exclude={self.exclude}")
+        config = {"root": self.root, "source": self.source, "text_key": self.text_key,
+                  "max_bytes": self.max_file_bytes, "per_part": self.docs_per_part,
+                  "work": str(ctx.work)}
+        chunks: list[list[tuple[str, int, bool]]] = []
+        chunk: list[tuple[str, int, bool]] = []
+        chunk_bytes = 0
+        for e in entries:  # text files in chunks of docs_per_part; every JSONL file alone
+            jsonl = self.is_jsonl(e.rel)
+            if chunk and (jsonl or chunk[-1][2] or len(chunk) >= self.docs_per_part
+                          or chunk_bytes + e.size > PART_BYTES):
+                chunks.append(chunk)
+                chunk, chunk_bytes = [], 0
+            chunk.append((e.rel, e.size, jsonl))
+            chunk_bytes += max(e.size, 0)
+        if chunk:
+            chunks.append(chunk)
+        stamps = {e.rel: e for e in entries}
+        tasks = []
+        for i, files in enumerate(chunks):
+            key = task_key(i, config["source"], self.text_key, self.max_file_bytes,
+                           self.docs_per_part, [(*f, stamps[f[0]].stamp) for f in files])
+            tasks.append((key, {**config, "key": key, "files": files}))
+        ctx.log(f"{len(entries)} files under {self.root} in {len(tasks)} tasks")
+        results = run_tasks(ctx, read_files, tasks, "source", "files",
+                            weights=[len(files) for files in chunks])
+
+        clear_parts(ctx.output)
+        files = [f for r in results for f in r["files"]]
+        place_parts(ctx.work, files, ctx.output)
+        num_docs = sum(r["documents"] for r in results)
+        num_bytes = sum(r["bytes"] for r in results)
+        seen = 0
+        for r in results:
+            merge_counts(ctx, r["counts"])
+            seen += r["counts"].get("records_in", 0)
+        ctx.count("documents_out", 0)
+        ctx.check_skips(seen)
+        ctx.meta.update({"num_documents": num_docs, "num_bytes": num_bytes, "source": self.source})
+        skipped = sum(v for k, v in ctx.counts.items() if k.startswith("skipped."))
+        ctx.metrics.update({"documents": num_docs, "mbytes": round(num_bytes / 1e6, 3),
+                            "files": len(entries), "skipped": skipped, "parts": len(files)})
+        if num_docs == 0:
+            raise StageError(f"files_source: none of the {len(entries)} files under "
+                             f"{self.root!r} gave a document ({dict(ctx.counts)})")
+
+
+# -- listing ------------------------------------------------------------------------------------
+
+
+def list_files(root: str, include: list[str], exclude: list[str]) -> list[Entry]:
+    inc = [_glob_regex(p) for p in include]
+    exc = [_glob_regex(p) for p in exclude]
+    if "://" in root:
+        entries = _list_remote(root)
+    else:
+        entries = _list_local(Path(root).expanduser(), include, exclude)
+    return sorted(
+        (e for e in entries
+         if any(r.match(e.rel) for r in inc) and not any(r.match(e.rel) for r in exc)),
+        key=lambda e: e.rel,
+    )
+
+
+def _list_local(root: Path, include: list[str], exclude: list[str]) -> Iterator[Entry]:
+    if not root.is_dir():
+        raise StageError(f"files_source: root {str(root)!r} is not a directory")
+    # skip whole directories that no include pattern can reach or an exclude "x/**" removes
+    inc_segments = [[_segment_regex(s) for s in p.split("/")] for p in include]
+    exc_dirs = [_glob_regex(p[:-3]) for p in exclude if p.endswith("/**")]
+    top = str(root)
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        keep = []
+        for d in sorted(dirnames):
+            rel = rel_dir + d
+            parts = rel.split("/")
+            if any(r.match(rel) for r in exc_dirs):
+                continue
+            if any(_dir_may_match(parts, segs) for segs in inc_segments):
+                keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            try:
+                st = os.stat(path)
+            except OSError:  # a dangling link: the reader counts it as unreadable
+                yield Entry(rel_dir + f, -1, "")
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield Entry(rel_dir + f, st.st_size, str(st.st_mtime_ns))
+            elif not stat.S_ISDIR(st.st_mode):  # a fifo or device: never opened
+                yield Entry(rel_dir + f, -1, "")
+
+
+def _list_remote(root: str) -> list[Entry]:
+    fs, base = _fsspec(root)
+    if not fs.isdir(base):
+        raise StageError(f"files_source: root {root!r} is not a directory")
+    base = base.rstrip("/")
+    entries = []
+    for path, info in fs.find(base, detail=True).items():
+        stamp = next((str(info[k]) for k in ("mtime", "LastModified", "ETag", "etag", "created")
+                      if info.get(k) is not None), "")
+        entries.append(Entry(path[len(base):].lstrip("/"), int(info.get("size") or 0), stamp))
+    return entries
+
+
+def _fsspec(root: str) -> tuple[Any, str]:
+    try:
+        import fsspec
+
+        return fsspec.core.url_to_fs(root)
+    except ImportError as e:
+        raise StageError(f"files_source: reading {root!r} needs fsspec and its backend for "
+                         f"this protocol (e.g. `pip install s3fs`): {e}") from e
+
+
+def _segment_regex(segment: str) -> re.Pattern[str] | None:
+    """A regex for one path segment of a glob; None for ``**``."""
+    return None if segment == "**" else re.compile(_translate(segment) + r"\Z", re.S)
+
+
+def _dir_may_match(parts: list[str], segments: list[re.Pattern[str] | None]) -> bool:
+    """Can a file below the directory ``parts`` match the glob cut into ``segments``?"""
+    for i, part in enumerate(parts):
+        if i >= len(segments) - 1:  # the last segment names the file itself
+            return False
+        seg = segments[i]
+        if seg is None:
+            return True
+        if not seg.match(part):
+            return False
+    return True
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out = []
+    segments = pattern.strip("/").split("/")
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == "**":
+            out.append(".*" if last else "(?:.*/)?")
+        else:
+            out.append(_translate(seg) + ("" if last else "/"))
+    return re.compile("".join(out) + r"\Z", re.S)
+
+
+def _translate(segment: str) -> str:
+    """Glob to regex within one segment: ``*``, ``?`` and ``[...]`` never cross a ``/``."""
+    out, i, n = [], 0, len(segment)
+    while i < n:
+        c = segment[i]
+        i += 1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and segment.find("]", i + 1) != -1:  # a class; "]" first is literal
+            j = segment.find("]", i + 1)
+            body = segment[i:j].replace("\\", "\\\\")
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+# -- reading (in the executor's workers) --------------------------------------------------------
+
+
+def read_files(task: dict[str, Any]) -> dict[str, Any]:
+    """Worker: read one chunk of files, write its documents as parts into the scratch dir."""
+    counts: dict[str, int] = {"records_in": 0, "documents_out": 0}
+    totals = {"bytes": 0}
+    docs = _documents(task, counts, totals)
+    (Path(task["work"]) / "source").mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    while True:
+        batch = list(islice(docs, task["per_part"]))
+        if not batch:
+            break
+        rel = f"source/{task['key']}-{len(files):04d}.jsonl.zst"
+        write_documents(Path(task["work"]) / rel, batch)
+        files.append(rel)
+    return {"files": files, "documents": counts["documents_out"], "bytes": totals["bytes"],
+            "counts": counts}
+
+
+def _documents(task: dict[str, Any], counts: dict[str, int],
+               totals: dict[str, int]) -> Iterator[dict[str, Any]]:
+    def bump(key: str) -> None:
+        counts[key] = counts.get(key, 0) + 1
+
+    root, source, max_bytes = task["root"], task["source"], task["max_bytes"]
+    for rel, size, jsonl in task["files"]:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8
+            bump("records_in")
+            bump("skipped.bad_filename")
+            continue
+        if jsonl:
+            for doc in _jsonl_documents(root, rel, task["text_key"], counts, bump):
+                n = len(doc["text"].encode("utf-8"))
+                if n > max_bytes:
+                    bump("dropped.too_large")
+                    continue
+                doc.update(id=f"{source}/{rel}#{doc['id']}", source=source, path=rel)
+                totals["bytes"] += n
+                bump("documents_out")
+                yield doc
+            continue
+        bump("records_in")
+        if size < 0:
+            bump("skipped.unreadable")
+            continue
+        if size > max_bytes:
+            bump("dropped.too_large")
+            continue
+        try:
+            with _open(root, rel) as fh:
+                raw = fh.read(max_bytes + 1)
+        except OSError:
+            bump("skipped.unreadable")
+            continue
+        if len(raw) > max_bytes:
+            bump("dropped.too_large")
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bump("skipped.bad_utf8")
+            continue
+        text = text.removeprefix("\ufeff")
+        if "\x00" in text:
+            bump("skipped.binary")
+            continue
+        if not text.strip():
+            bump("dropped.empty")
+            continue
+        totals["bytes"] += len(text.encode("utf-8"))
+        bump("documents_out")
+        yield {"id": f"{source}/{rel}", "text": text, "source": source, "path": rel}
+
+
+RESERVED = ("id", "text", "source", "path")
+
+
+def _jsonl_documents(root: str, rel: str, text_key: str, counts: dict[str, int],
+                     bump: Any) -> Iterator[dict[str, Any]]:
+    """Records of one JSONL file as ``{"id": <line number>, "text": ..., <other fields>}``."""
+    try:
+        fh = _open(root, rel)
+    except OSError:
+        bump("records_in")
+        bump("skipped.unreadable")
+        return
+    try:
+        with fh, _decompressed(fh, rel) as lines:
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                bump("records_in")
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    bump("skipped.bad_utf8")
+                    continue
+                except ValueError:
+                    bump("skipped.bad_json")
+                    continue
+                if not isinstance(record, dict):
+                    bump("skipped.bad_json")
+                    continue
+                text = record.get(text_key)
+                if text is None:
+                    bump("skipped.missing_text")
+                    continue
+                if not isinstance(text, str):
+                    bump("skipped.text_not_string")
+                    continue
+                if not text.strip():
+                    bump("dropped.empty")
+                    continue
+                doc = {k: v for k, v in record.items() if k != text_key and k not in RESERVED}
+                doc.update(id=str(lineno), text=text)
+                if b"\\u" in line.lower() and not _encodable(doc):  # lone surrogate escapes
+                    bump("skipped.bad_unicode")
+                    continue
+                yield doc
+    except (OSError, EOFError, zstandard.ZstdError):  # truncated or corrupt: count the rest
+        bump("records_in")
+        bump("skipped.corrupt_file")
+
+
+def _encodable(doc: dict[str, Any]) -> bool:
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _open(root: str, rel: str) -> Any:
+    if "://" in root:
+        import fsspec
+
+        return fsspec.open(root.rstrip("/") + "/" + rel, "rb").open()
+    return open(os.path.join(os.path.expanduser(root), rel), "rb")
+
+
+def _decompressed(fh: Any, rel: str) -> Any:
+    if rel.endswith((".zst", ".zstd")):
+        return contextlib.nullcontext(_zstd_lines(fh))
+    if rel.endswith(".gz"):
+        return gzip.GzipFile(fileobj=fh)
+    return contextlib.nullcontext(fh)
+
+
+def _zstd_lines(fh: Any) -> Iterator[bytes]:
+    """Lines of a file of one or more zstd frames; EOFError when the last frame is cut short
+    (zstandard's stream reader ends quietly there)."""
+    dctx = zstandard.ZstdDecompressor()
+    frame, in_frame, pending = dctx.decompressobj(), False, b""
+    while chunk := fh.read(1 << 20):
+        while chunk:
+            in_frame = True
+            pending += frame.decompress(chunk)
+            chunk = b""
+            if frame.eof:
+                chunk, frame, in_frame = frame.unused_data, dctx.decompressobj(), False
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if in_frame:
+        raise EOFError("zstd frame cut short")
+    if pending:
+        yield pending
