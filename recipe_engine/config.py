@@ -41,8 +41,17 @@ class LoadedRecipe:
     path: Path
     overrides: list[str]
     cfg: Any  # omegaconf.DictConfig, unresolved
-    sources: list[tuple[str, str, Path]] = field(default_factory=list)  # (package, config, file)
+    sources_fn: Callable[[], list[tuple[str, str, Path]]] | None = None
     choices: dict[str, str] = field(default_factory=dict)
+    _sources: list[tuple[str, str, Path]] | None = None
+
+    @property
+    def sources(self) -> list[tuple[str, str, Path]]:
+        """(package, config path, file) of every config merged, in merge order. Computed on
+        first use (only errors need it): it costs Hydra a second pass over the defaults."""
+        if self._sources is None:
+            self._sources = self.sources_fn() if self.sources_fn else []
+        return self._sources
 
     @property
     def name(self) -> str:
@@ -75,7 +84,7 @@ class LoadedRecipe:
             lhs = ov.split("=", 1)[0].lstrip("+~")
             if lhs in self.choices:  # a group choice: the chosen file says where the key is
                 continue
-            if key == lhs or key.startswith(lhs + "."):
+            if key == lhs or key.startswith(lhs + ".") or lhs.startswith(key + "."):
                 return ov
         return None
 
@@ -166,16 +175,18 @@ def load(path: str | os.PathLike, overrides: list[str], config_dirs: list[str]) 
     hydra = _hydra(recipe, config_dirs)
     try:
         cfg = hydra.compose_config(recipe.stem, _HYDRA_DEFAULTS + list(overrides), RunMode.RUN)
-        defaults = hydra.config_loader.compute_defaults_list(
-            recipe.stem, _HYDRA_DEFAULTS + list(overrides), RunMode.RUN
-        )
     except (HydraException, OmegaConfBaseException) as e:
         raise _hydra_error(recipe, e) from e
     choices = dict(OmegaConf.to_container(cfg.hydra.runtime.choices, resolve=False))  # type: ignore
     with open_dict(cfg):
         del cfg["hydra"]
-    return LoadedRecipe(recipe, list(overrides), cfg,
-                        _sources(defaults, recipe, config_dirs), choices)
+
+    def sources() -> list[tuple[str, str, Path]]:
+        defaults = hydra.config_loader.compute_defaults_list(
+            recipe.stem, _HYDRA_DEFAULTS + list(overrides), RunMode.RUN)
+        return _sources(defaults, recipe, config_dirs)
+
+    return LoadedRecipe(recipe, list(overrides), cfg, sources, choices)
 
 
 def from_job_config(path: str | os.PathLike, cfg: Any, config_dirs: list[str]) -> LoadedRecipe:
@@ -189,7 +200,7 @@ def from_job_config(path: str | os.PathLike, cfg: Any, config_dirs: list[str]) -
     overrides = list(OmegaConf.to_container(hc.overrides.task, resolve=False))  # type: ignore
     choices = dict(OmegaConf.to_container(hc.runtime.choices, resolve=False))  # type: ignore
     # provenance falls back to the recipe file: a sweep's jobs share the first job's files
-    return LoadedRecipe(recipe, overrides, cfg, [], choices)
+    return LoadedRecipe(recipe, overrides, cfg, None, choices)
 
 
 def _sources(defaults: Any, recipe: Path, config_dirs: list[str]) -> list[tuple[str, str, Path]]:
