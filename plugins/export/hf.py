@@ -1,0 +1,253 @@
+"""Writing (and reading back) a Hugging Face ``LlamaForCausalLM`` directory.
+
+Our Llama uses HF's conventions (rotate-half RoPE, KV heads repeated contiguously), so the
+weights only change names. The tokenizer is SentencePiece BPE with byte fallback; the fast
+(``tokenizers``) version that transformers derives from ``tokenizer.model`` is given the same
+escape of U+2581 / U+E000 our runtime ``Tokenizer`` applies, so both produce the same ids.
+
+Layout of an export::
+
+    config.json  generation_config.json  model.safetensors      <- AutoModelForCausalLM
+    tokenizer.json  tokenizer_config.json  special_tokens_map.json  tokenizer.model
+                                                                 <- AutoTokenizer
+    README.md                                                    <- model card
+    recipe_engine/  model.json  tokenizer.model  tokenizer.json  <- our own code
+                                                                    (load_export)
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recipe_engine import StageContext, StageError
+
+NATIVE_DIR = "recipe_engine"
+ESC = "\ue000"  # the escape character of recipe_engine_plugins.tokenizers.spm
+SPACE = "\u2581"  # SentencePiece's visible space
+_PLACEHOLDER = "\ue001\ue002\ue003"  # scratch text inside the decoder chain (escaped ESC)
+
+_LAYER = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
+
+
+def to_hf_name(name: str) -> str:
+    if name in _TOP:
+        return _TOP[name]
+    m = _LAYER_KEY.match(name)
+    if m and m.group(2) in _LAYER:
+        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    raise StageError(f"no Hugging Face name for weight {name!r}")
+
+
+def from_hf_name(name: str) -> str:
+    for ours, theirs in _TOP.items():
+        if name == theirs:
+            return ours
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)\.weight$", name)
+    inverse = {v: k for k, v in _LAYER.items()}
+    if m and m.group(2) in inverse:
+        return f"layers.{m.group(1)}.{inverse[m.group(2)]}.weight"
+    raise ValueError(f"not a LlamaForCausalLM weight: {name!r}")
+
+
+def hf_config(spec: dict[str, Any], tokenizer: Any, dtype: str) -> Any:
+    """``LlamaConfig`` for a checkpoint's ``model.json`` (architecture ``llama``)."""
+    from transformers import LlamaConfig
+
+    p = spec["params"]
+    n_heads = p["n_heads"]
+    return LlamaConfig(
+        vocab_size=spec["vocab_size"], hidden_size=p["dim"],
+        intermediate_size=_hidden_dim(p), num_hidden_layers=p["n_layers"],
+        num_attention_heads=n_heads, num_key_value_heads=p.get("n_kv_heads") or n_heads,
+        head_dim=p["dim"] // n_heads, hidden_act="silu",
+        max_position_embeddings=spec["max_seq_len"], initializer_range=p.get("init_std", 0.02),
+        rms_norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
+        rope_scaling=None, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=bool(p.get("tie_embeddings", True)),
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else None,
+        torch_dtype=dtype, architectures=["LlamaForCausalLM"],
+    )
+
+
+def _hidden_dim(p: dict[str, Any]) -> int:
+    if p.get("ffn_hidden_dim"):
+        return int(p["ffn_hidden_dim"])
+    multiple = p.get("multiple_of", 256)
+    hidden = int(2 * 4 * p["dim"] / 3)
+    return multiple * ((hidden + multiple - 1) // multiple)
+
+
+def hf_state_dict(model: torch.nn.Module, tied: bool, dtype: torch.dtype) -> dict[str, Any]:
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if tied and name == "output.weight":
+            continue  # transformers ties lm_head to embed_tokens itself
+        out[to_hf_name(name)] = tensor.detach().to(dtype=dtype, device="cpu").contiguous().clone()
+    return out
+
+
+def hf_tokenizer(tokenizer_dir: Path, max_length: int) -> Any:
+    """A ``PreTrainedTokenizerFast`` giving the same ids as our runtime Tokenizer.
+
+    transformers' Llama converter turns the SentencePiece BPE model into a ``tokenizers`` BPE
+    (byte fallback, " " -> U+2581, no dummy prefix with ``add_prefix_space=False``). Our
+    runtime escapes U+E000 and U+2581 before encoding; the same replacements go first in the
+    normalizer, and their inverse last in the decoder. ``<s>`` is added in front, as in
+    training (every document started with bos); nothing at the end. Special tokens written
+    in the text ("<s>") are plain text, as SentencePiece treats them.
+    """
+    import sentencepiece as spm
+    from tokenizers import decoders, normalizers
+    from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
+
+    model_file = Path(tokenizer_dir) / "tokenizer.model"
+    info_file = Path(tokenizer_dir) / "tokenizer.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    specials = dict(bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
+                    unk_token=piece(sp.unk_id()), pad_token=piece(sp.pad_id()))
+    slow_to_fast = LlamaTokenizerFast(
+        vocab_file=str(model_file), from_slow=True, legacy=True, add_prefix_space=False,
+        add_bos_token=True, add_eos_token=False, **specials)
+    backend = slow_to_fast.backend_tokenizer
+    if info.get("escape", True):
+        backend.normalizer = normalizers.Sequence([
+            normalizers.Replace(ESC, ESC + ESC), normalizers.Replace(SPACE, ESC + "_"),
+            *([backend.normalizer] if backend.normalizer is not None else []),
+        ])
+        backend.decoder = decoders.Sequence([
+            backend.decoder,  # Replace(U+2581 -> " "), ByteFallback, Fuse: one string now
+            decoders.Replace(ESC + ESC, _PLACEHOLDER), decoders.Replace(ESC + "_", SPACE),
+            decoders.Replace(_PLACEHOLDER, ESC),
+        ])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=max_length, padding_side="right",
+        clean_up_tokenization_spaces=False, add_bos_token=True, add_eos_token=False,
+        split_special_tokens=True,  # "<s>" in text is text, as for SentencePiece
+        **{k: v for k, v in specials.items() if v is not None})
+
+
+def export_hf(ctx: StageContext, dtype: str = "float32") -> None:
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from recipe_engine_plugins.evaluation.runtime import check_vocab, load_checkpoint, load_tokenizer
+
+    ckpt, tok_art = ctx.inputs["checkpoint"], ctx.inputs["tokenizer"]
+    out = Path(ctx.output)
+    model, spec = load_checkpoint(ckpt.path, ctx.build)
+    if spec["name"] != "llama":
+        raise StageError(f"hf_export knows the 'llama' architecture only, not {spec['name']!r}")
+    tokenizer = load_tokenizer(tok_art.path)
+    check_vocab(spec, tokenizer, "hf_export")
+
+    config = hf_config(spec, tokenizer, dtype)
+    config.save_pretrained(out)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.pad_token_id, do_sample=False).save_pretrained(out)
+    weights = hf_state_dict(model, config.tie_word_embeddings, getattr(torch, dtype))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; this is for sharing
+    ctx.progress(1, 3, "parts")
+
+    hf_tokenizer(tok_art.path, spec["max_seq_len"]).save_pretrained(out)
+    if getattr(tokenizer, "info", {}).get("model_type", "bpe") != "bpe":
+        ctx.log("the tokenizer is a SentencePiece unigram model: the Hugging Face tokenizer "
+                "can split a few runs of equal-score pieces (long whitespace) differently")
+    shutil.copy2(Path(tok_art.path) / "tokenizer.model", out / "tokenizer.model")
+    native = out / NATIVE_DIR
+    native.mkdir()
+    shutil.copy2(Path(ckpt.path) / "model.json", native / "model.json")
+    for f in sorted(Path(tok_art.path).iterdir()):
+        if f.is_file() and f.name.startswith("tokenizer"):
+            shutil.copy2(f, native / f.name)
+    ctx.progress(2, 3, "parts")
+
+    num_params = sum(t.numel() for t in weights.values())
+    (out / "README.md").write_text(model_card(spec, config, num_params, dtype, ckpt, tok_art))
+    ctx.progress(3, 3, "parts")
+    ctx.metrics.update({"num_params": num_params,
+                        "num_bytes": (out / "model.safetensors").stat().st_size})
+    ctx.meta.update({"format": "huggingface", "architecture": "LlamaForCausalLM",
+                     "dtype": dtype, "num_params": num_params,
+                     "vocab_size": spec["vocab_size"], "max_seq_len": spec["max_seq_len"]})
+    ctx.log(f"LlamaForCausalLM, {num_params / 1e6:.2f}M parameters ({dtype}) -> {out}")
+
+
+def _facts(artifact: Any) -> dict[str, Any]:
+    facts = {}
+    for group in (artifact.manifest.get("metrics", {}), artifact.meta):
+        for key, value in group.items():
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                facts.setdefault(key, value)
+    return facts
+
+
+def model_card(spec: dict[str, Any], config: Any, num_params: int, dtype: str,
+               ckpt: Any, tok: Any) -> str:
+    p = spec["params"]
+    rows = [("parameters", f"{num_params:,}"), ("layers", p["n_layers"]),
+            ("hidden size", p["dim"]), ("attention heads", p["n_heads"]),
+            ("key/value heads", config.num_key_value_heads),
+            ("feed-forward size", config.intermediate_size), ("vocabulary", spec["vocab_size"]),
+            ("context", spec["max_seq_len"]), ("tied embeddings", config.tie_word_embeddings),
+            ("rope theta", config.rope_theta), ("dtype", dtype)]
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [recipe-engine, llama, code]", "---", "",
+             "# Llama-style model trained with recipe-engine", "",
+             "A decoder-only model (RoPE, RMSNorm, SwiGLU, grouped-query attention) trained from",
+             "scratch by a recipe-engine recipe; a `LlamaForCausalLM` for transformers.", "",
+             "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    training = _facts(ckpt)
+    if training:
+        lines += ["## Training", "", "From the checkpoint's manifest:", "", "| | |", "|---|---|",
+                  *[f"| {k} | {v} |" for k, v in sorted(training.items())], ""]
+    lines += [
+        "## Use", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(path)  # prepends <s>, as in training",
+        "model = AutoModelForCausalLM.from_pretrained(path)", "```", "",
+        "```", "lm_eval --model hf --model_args pretrained=PATH --tasks ...", "```", "",
+        "The tokenizer is SentencePiece BPE with byte fallback; whitespace, newlines and any",
+        "Unicode text round-trip exactly. `recipe_engine/` holds the recipe-engine model config",
+        "and tokenizer files (`recipe_engine_plugins.export.hf.load_export(path)`).", "",
+    ]
+    return "\n".join(lines)
+
+
+def load_export(directory: Path, registry: Any = None) -> tuple[torch.nn.Module, Any]:
+    """Our model and runtime tokenizer from an export directory (HF weights, renamed back)."""
+    from safetensors.torch import load_file
+
+    from recipe_engine_plugins.tokenizers.spm import Tokenizer
+
+    directory = Path(directory)
+    spec = json.loads((directory / NATIVE_DIR / "model.json").read_text())
+    if registry is None:
+        from recipe_engine.plugins import PluginManager
+
+        registry = PluginManager().registry
+    config = registry.build("model", {"name": spec["name"], **spec["params"]})
+    model = config.build(spec["vocab_size"], spec["max_seq_len"])
+    state = {from_hf_name(k): v.float() for k, v in
+             load_file(str(directory / "model.safetensors")).items()}
+    if "output.weight" not in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.eval(), Tokenizer.load(directory / NATIVE_DIR)

@@ -1,0 +1,213 @@
+"""hf_export: the exported directory loads with transformers (and lm-eval's ``hf`` model) offline
+and computes what our model computes."""
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipe_engine import Artifact, RecipeError
+from recipe_engine.artifacts import part_name, write_documents
+from recipe_engine.plugins import PluginManager
+from recipe_engine.testing import run_stage
+from recipe_engine_plugins.export import HFExport
+from recipe_engine_plugins.export.hf import from_hf_name, load_export, to_hf_name
+from recipe_engine_plugins.models import Llama, load_model, save_model
+from recipe_engine_plugins.tokenizers.spm import Tokenizer
+from recipe_engine_plugins.tokenizers.train import SentencePieceBPE
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: torch's thread pool only spins against other processes on 2 shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CODE = (
+    "import os\n\n\nclass Greeter:\n    \"\"\"Says hello.\"\"\"\n\n"
+    "    def greet(self, name: str) -> str:\n\t\treturn f'héllo, {name} 👋'  # ünïcode\n"
+    "\n\n\n        \n    x  =  [1,   2]\r\n日本語\u00a0nbsp\u3000ideo\n"
+)
+TRICKY = [
+    CODE, "", " ", "\n", "\n\n\n", "  leading", "trailing  ", "\t\tx", "a\u2581b \u2581\u2581 c",
+    "private \ue000 use \ue000_ and \ue000\ue000\u2581 end \ue000", "\ue000", "x\x00\x0b\x7fz",
+    "ε = λ ω: ω ** 2  # 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🐍", "<s> not special </s>",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_artifact(tmp_path_factory):
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs = [{"id": p.name, "text": p.read_text(encoding="utf-8"), "source": "stdlib",
+             "path": str(p)} for p in sorted((stdlib / "json").glob("*.py"))]
+    root = tmp_path_factory.mktemp("tok")
+    (root / "docs").mkdir()
+    write_documents(root / "docs" / part_name(0), docs)
+    docs_art = Artifact(kind="documents", path=root / "docs", manifest={"meta": {}})
+    return run_stage(SentencePieceBPE(vocab_size=400, num_threads=1), root / "stage",
+                     inputs={"documents": docs_art})
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_artifact):
+    return Tokenizer.load(tokenizer_artifact.path)
+
+
+def _checkpoint(directory: Path, vocab_size: int, **params) -> Artifact:
+    torch.manual_seed(0)
+    config = Llama(**{"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                      "ffn_hidden_dim": 64, "rope_theta": 500.0, "norm_eps": 1e-6, **params})
+    module = config.build(vocab_size, 64)
+    with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows
+        for name, p in module.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    save_model(module, config, vocab_size, 64, directory)
+    meta = {"vocab_size": vocab_size, "seq_len": 64, "num_tokens": 12345}
+    return Artifact(kind="checkpoint", path=directory,
+                    manifest={"meta": meta, "metrics": {"train_loss": 5.5}})
+
+
+@pytest.fixture(scope="module", params=["tied-gqa", "untied-mha"])
+def exported(request, tmp_path_factory, tokenizer_artifact, tok):
+    root = tmp_path_factory.mktemp(request.param)
+    params = ({"tie_embeddings": True} if request.param == "tied-gqa"
+              else {"tie_embeddings": False, "n_kv_heads": 0, "ffn_hidden_dim": 0,
+                    "multiple_of": 16})
+    ckpt = _checkpoint(root / "ckpt", tok.vocab_size, **params)
+    art = run_stage(HFExport(), root / "export",
+                    inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
+    return ckpt, art
+
+
+def test_registered_and_light():
+    assert PluginManager().registry.get("stage", "hf_export").cls is HFExport
+    code = ("import sys, recipe_engine_plugins.export; "
+            "print([m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    with pytest.raises(RecipeError, match="dtype"):
+        HFExport(dtype="int8")
+
+
+def test_names_round_trip():
+    ours = ["tok_embeddings.weight", "norm.weight", "output.weight"] + [
+        f"layers.3.{k}.weight" for k in ("attention.wq", "attention.wk", "attention.wv",
+                                          "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                                          "feed_forward.w3", "attention_norm", "ffn_norm")]
+    assert [from_hf_name(to_hf_name(n)) for n in ours] == ours
+    assert to_hf_name("layers.0.feed_forward.w1.weight") == "model.layers.0.mlp.gate_proj.weight"
+
+
+def test_hf_model_logits_equal_ours(exported, tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt, art = exported
+    ours = load_model(ckpt.path)
+    hf = AutoModelForCausalLM.from_pretrained(art.path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    cfg = AutoConfig.from_pretrained(art.path)
+    a = ours.args
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.intermediate_size, cfg.max_position_embeddings) == \
+        (a.vocab_size, a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden_dim, a.max_seq_len)
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings) == \
+        (a.rope_theta, a.norm_eps, a.tie_embeddings)
+    assert (cfg.bos_token_id, cfg.eos_token_id) == (tok.bos_id, tok.eos_id)
+    ids = torch.tensor([[tok.bos_id, *tok.encode(CODE)][:64], [tok.bos_id, *range(5, 68)][:64]])
+    with torch.no_grad():
+        want = ours(ids)
+        got = hf(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert want.std() > 0.1  # not a vacuous comparison
+
+
+def test_hf_tokenizer_ids_equal_ours(exported, tok):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(exported[1].path)
+    assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, tok.eos_id)
+    assert len(hf) == tok.vocab_size
+    for text in TRICKY:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == ids, repr(text)
+        assert hf(text)["input_ids"] == [tok.bos_id, *ids]  # <s> in front, as in training
+        assert hf.decode(ids) == text, repr(text)
+        assert hf.decode([tok.bos_id, *ids, tok.eos_id], skip_special_tokens=True) == text
+
+
+def test_directory_layout_and_card(exported):
+    ckpt, art = exported
+    out = art.path
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "README.md", "recipe_engine/model.json", "recipe_engine/tokenizer.model",
+                 "recipe_engine/tokenizer.json"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "num_tokens | 12345" in card and "LlamaForCausalLM" in card
+    assert art.manifest["meta"]["num_params"] == art.manifest["metrics"]["num_params"] > 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_load_export_gives_our_model_back(exported, tok):
+    ckpt, art = exported
+    model, tokenizer = load_export(art.path)
+    ours = load_model(ckpt.path)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert tokenizer.encode(CODE) == tok.encode(CODE)
+
+
+def test_bfloat16_export(tmp_path, tokenizer_artifact, tok):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = _checkpoint(tmp_path / "ckpt", tok.vocab_size)
+    art = run_stage(HFExport(dtype="bfloat16"), tmp_path / "export",
+                    inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
+    hf = AutoModelForCausalLM.from_pretrained(art.path, dtype="auto")
+    assert hf.dtype == torch.bfloat16
+    assert (art.path / "model.safetensors").stat().st_size < 0.6 * sum(
+        t.numel() * 4 for t in load_model(ckpt.path).state_dict().values())
+
+
+@pytest.mark.slow
+def test_lm_eval_hf_model_on_export(tmp_path, tokenizer_artifact, tok):
+    """`lm_eval --model hf` on the export scores exactly what our own lm_eval stage scores."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from recipe_engine_plugins.evaluation import TASKS_DIR, LmEval
+
+    ckpt = _checkpoint(tmp_path / "ckpt", tok.vocab_size)
+    art = run_stage(HFExport(), tmp_path / "export",
+                    inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
+    ours = run_stage(LmEval(limit=20), tmp_path / "ours",
+                     inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
+    res = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={art.path},tokenizer={art.path},dtype=float32",
+        tasks=["python_basics"], limit=20, batch_size=4, device="cpu",
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+        log_samples=True, bootstrap_iters=0)
+    got = res["results"]["python_basics"]
+    assert res["n-samples"]["python_basics"]["effective"] == 20
+    assert got["acc,none"] == ours.manifest["metrics"]["python_basics/acc"]
+    assert got["acc_norm,none"] == ours.manifest["metrics"]["python_basics/acc_norm"]
+    # and the log-likelihoods themselves agree with our model's
+    from recipe_engine_plugins.evaluation.lm_eval_model import RecipeEngineLM
+
+    lm = RecipeEngineLM(checkpoint=ckpt.path, tokenizer=tokenizer_artifact.path, device="cpu")
+    samples = res["samples"]["python_basics"]
+    reqs = [r for s in samples for r in s["arguments"].values()] if isinstance(
+        samples[0]["arguments"], dict) else [tuple(a) for s in samples for a in s["arguments"]]
+    hf_lls = [r[0][0] for s in samples for r in s["resps"]]
+    from lm_eval.api.instance import Instance
+
+    ours_lls = [ll for ll, _ in lm.loglikelihood(
+        [Instance("loglikelihood", {}, tuple(a), 0) for a in reqs], disable_tqdm=True)]
+    assert ours_lls == pytest.approx(hf_lls, abs=1e-4)
