@@ -1,7 +1,336 @@
-"""Built-in training components."""
-from recipe_engine import hookimpl
+"""Built-in training components: the ``composer_train`` stage and what it is built from.
+
+* ``optimizer``: ``adamw``.
+* ``scheduler``: ``cosine_warmup``.
+* ``parallelism``: ``single`` (CPU or one GPU), ``ddp``, ``fsdp``. Each says how many processes
+  per node it needs and which Composer ``Trainer`` arguments configure it.
+* stage ``composer_train`` (``shards`` -> ``checkpoint``): Composer's trainer over the
+  mosaicml-streaming shards, checkpointing into the stage's work directory so that a killed
+  run resumes from its last checkpoint and data position.
+
+This module stays light: torch, Composer and streaming are imported inside functions
+(``trainer.py`` and ``worker.py`` hold the heavy code).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Literal
+
+from recipe_engine import Component, Problem, RecipeError, Stage, StageContext, hookimpl
+
+# Composer time strings (composer.core.Time.from_timestring), checked here without Composer
+_TIME = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(ep|ba|sp|tok|dur)\s*$", re.I)
+_EXAMPLES = {"ep": "1ep", "ba": "1000ba", "sp": "64000sp", "tok": "2000000tok", "dur": "0.02dur"}
+
+
+def _bad(key: str, message: str) -> Problem:
+    """A parameter problem whose message names the parameter (the validator reports
+    problems under the component's key)."""
+    return Problem(key=key, message=f"{key} {message}")
+
+
+def _time_problem(key: str, value: str, units: tuple[str, ...],
+                  whole: bool = True) -> Problem | None:
+    """A problem with ``value`` as a time string in ``units`` (``whole``: Composer wants a
+    whole number of everything but ``dur``), or None."""
+    m = _TIME.match(str(value))
+    if not m or m.group(2).lower() not in units:
+        shown = ", ".join(_EXAMPLES[u] for u in units)
+        return _bad(key, f"{value!r} is not a Composer time string; "
+                         f"use a number and one of {'/'.join(units)} ({shown})")
+    number = float(m.group(1))
+    if whole and m.group(2).lower() != "dur" and number != int(number):
+        return _bad(key, f"{value!r}: Composer counts {m.group(2)} in whole numbers")
+    return None
+
+
+# -- optimizer ------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class AdamW(Component):
+    """``torch.optim.AdamW``; no weight decay on 1-D parameters (norm gains, biases) nor on
+    embeddings (a tied LM head shares the embedding's weight, so it is not decayed either).
+
+    torch's AdamW, not Composer's ``DecoupledAdamW``: its decay is ``lr * weight_decay``
+    per step, the convention the Llama / OLMo / GPT-3 papers' numbers are given in.
+    """
+
+    kind: ClassVar[str] = "optimizer"
+    name: ClassVar[str] = "adamw"
+    description: ClassVar[str] = "torch AdamW, no decay on norms/biases/embeddings"
+
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.lr > 0:
+            problems.append(_bad("lr", f"must be > 0, got {self.lr}"))
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(_bad("betas", f"must be two numbers in [0, 1), got {self.betas}"))
+        if self.weight_decay < 0:
+            problems.append(_bad("weight_decay", f"must be >= 0, got {self.weight_decay}"))
+        if problems:
+            raise RecipeError(problems)
+
+    def param_groups(self, named_parameters: Iterable[tuple[str, Any]],
+                     no_decay: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Two groups: decayed (matrices) and not decayed (1-D, embeddings, ``no_decay``)."""
+        skip = set(no_decay)
+        decay, rest = [], []
+        for name, p in named_parameters:
+            if not p.requires_grad:
+                continue
+            if p.ndim < 2 or name in skip or "embed" in name.lower():
+                rest.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}]
+        if rest:
+            groups.append({"params": rest, "weight_decay": 0.0})
+        return groups
+
+    def build(self, named_parameters: Iterable[tuple[str, Any]], no_decay: Iterable[str] = ()) -> Any:
+        """The optimizer over ``named_parameters`` (``model.named_parameters()``). ``no_decay``
+        names more parameters to exempt (the trainer passes every ``nn.Embedding`` weight)."""
+        import torch
+
+        return torch.optim.AdamW(self.param_groups(named_parameters, no_decay), lr=self.lr,
+                                 betas=(float(self.betas[0]), float(self.betas[1])), eps=self.eps)
+
+
+# -- scheduler ------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class CosineWarmup(Component):
+    """Linear warmup, then cosine decay to ``alpha_f * lr`` at the end of training
+    (``composer.optim.CosineAnnealingWithWarmupScheduler``)."""
+
+    kind: ClassVar[str] = "scheduler"
+    name: ClassVar[str] = "cosine_warmup"
+    description: ClassVar[str] = "linear warmup then cosine decay to alpha_f * lr"
+
+    warmup: str = "0.02dur"  # Composer time: "2000ba", "10000000tok", or a fraction "0.02dur"
+    alpha_f: float = 0.1
+
+    def __post_init__(self) -> None:
+        problems = [p for p in [_time_problem("warmup", self.warmup, ("ba", "sp", "tok", "ep", "dur"))] if p]
+        if not 0 <= self.alpha_f <= 1:
+            problems.append(_bad("alpha_f", f"must be in [0, 1], got {self.alpha_f}"))
+        if problems:
+            raise RecipeError(problems)
+
+    def build(self) -> Any:
+        from composer.optim import CosineAnnealingWithWarmupScheduler
+
+        return CosineAnnealingWithWarmupScheduler(t_warmup=self.warmup.strip(), alpha_f=self.alpha_f)
+
+
+# -- parallelism ----------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Parallelism(Component):
+    """How the model is spread over devices. The stage launches ``num_processes_per_node()``
+    processes (one per device) with Composer's launcher when that is more than one."""
+
+    kind: ClassVar[str] = "parallelism"
+
+    def num_processes_per_node(self) -> int:
+        return 1
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Extra ``composer.Trainer`` arguments (``parallelism_config``...)."""
+        return {}
+
+    def prepare(self, module: Any) -> None:
+        """Mark the plain ``nn.Module`` for wrapping before the trainer sees it."""
+
+
+@dataclass(kw_only=True)
+class SingleDevice(Parallelism):
+    name: ClassVar[str] = "single"
+    description: ClassVar[str] = "no wrapping: the CPU or one GPU, one process"
+
+
+@dataclass(kw_only=True)
+class DDP(Parallelism):
+    """Data parallel: every process holds the whole model; Composer wraps it in
+    ``DistributedDataParallel`` when the world has more than one process."""
+
+    name: ClassVar[str] = "ddp"
+    description: ClassVar[str] = "DistributedDataParallel, one process per device"
+
+    num_processes: int = 1  # per node; multi-node: WORLD_SIZE/NODE_RANK/MASTER_ADDR as usual
+
+    def __post_init__(self) -> None:
+        if self.num_processes < 1:
+            raise RecipeError(_bad("num_processes", f"must be >= 1, got {self.num_processes}"))
+
+    def num_processes_per_node(self) -> int:
+        return self.num_processes
+
+
+@dataclass(kw_only=True)
+class FSDP(DDP):
+    """Fully sharded data parallel (Composer's FSDP config). Every element of the model's
+    ``nn.ModuleList``s — the transformer blocks — is its own FSDP unit (and, with
+    ``activation_checkpointing``, is recomputed in backward)."""
+
+    name: ClassVar[str] = "fsdp"
+    description: ClassVar[str] = "FSDP, one unit per transformer block"
+
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD",
+                               "_HYBRID_SHARD_ZERO2"] = "FULL_SHARD"
+    mixed_precision: Literal["PURE", "FULL", "DEFAULT"] = "PURE"
+    activation_checkpointing: bool = False
+    state_dict_type: Literal["sharded", "full"] = "sharded"
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        return {"parallelism_config": {"fsdp": {
+            "sharding_strategy": self.sharding_strategy,
+            "mixed_precision": self.mixed_precision,
+            "activation_checkpointing": self.activation_checkpointing,
+            "state_dict_type": self.state_dict_type,
+            "use_orig_params": True,
+        }}}
+
+    def prepare(self, module: Any) -> None:
+        from torch import nn
+
+        blocks = {id(m) for lst in module.modules() if isinstance(lst, nn.ModuleList) for m in lst}
+        if not blocks:
+            raise RecipeError(f"fsdp: {type(module).__name__} has no nn.ModuleList of blocks to wrap")
+        # Composer's hooks (composer.distributed.dist_strategy): called for every submodule
+        module.fsdp_wrap_fn = lambda m: id(m) in blocks
+        module.activation_checkpointing_fn = lambda m: id(m) in blocks
+
+
+# -- the stage ------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ComposerTrain(Stage):
+    """Pretrain a model on ``shards`` with Composer's trainer; output a ``checkpoint``
+    artifact (``model.safetensors`` + ``model.json``, fp32).
+
+    Duration: exactly one of ``max_duration`` (Composer time string: ``"1ep"``, ``"1000ba"``,
+    ``"2000000tok"``, ``"64000sp"``) and ``tokens_per_param`` (Chinchilla-style: that many
+    training tokens per model parameter, counting all parameters, embeddings included — as
+    Hoffmann et al. do — i.e. ``tokens_per_param * model.num_params(vocab, embeddings=True)``).
+    Either is turned into a whole number of optimizer steps of ``global_batch_size`` sequences.
+
+    Resume: Composer checkpoints (model, optimizer, scheduler, RNG, data position) go to the
+    stage's work directory every ``save_interval`` under a fixed run name with
+    ``autoresume``; a killed stage started again continues from its last checkpoint at the
+    same sample, and ends with the weights an uninterrupted run would have.
+    """
+
+    kind: ClassVar[str] = "train"
+    name: ClassVar[str] = "composer_train"
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = "pretrain a model on MDS shards with Composer (resumable)"
+    inputs: ClassVar[dict[str, str]] = {"shards": "shards"}
+    output: ClassVar[str] = "checkpoint"
+    subcomponents: ClassVar[dict[str, str]] = {
+        "model": "model", "optimizer": "optimizer", "scheduler": "scheduler",
+        "parallelism": "parallelism",
+    }
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw"})
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "cosine_warmup"})
+    parallelism: dict[str, Any] = field(default_factory=lambda: {"name": "single"})
+    global_batch_size: int = 64  # sequences per optimizer step, over all processes
+    device_microbatch_size: int = 0  # sequences per forward/backward; 0 = the whole device batch
+    max_duration: str = ""
+    tokens_per_param: float = 0.0
+    precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    grad_clip_norm: float = 1.0  # 0: no clipping
+    save_interval: str = "200ba"
+    num_checkpoints_to_keep: int = 2  # -1: keep all
+    eval_interval: str = "0"  # "0": evaluate once, at the end
+    eval_batches: int = 0  # 0: the whole validation split
+    seed: int = 17
+    num_workers: int = 0  # DataLoader workers per process
+    log_interval: int = 10  # batches between log lines
+    compile: bool = False  # torch.compile the model
+    peak_tflops: float = 0.0  # per-device peak for MFU (e.g. 989 for H100 bf16 dense); 0 = no MFU
+
+    def __post_init__(self) -> None:
+        problems: list[Problem] = []
+        if bool(self.max_duration.strip()) == (self.tokens_per_param > 0):
+            problems.append(Problem(
+                "max_duration", "set exactly one of max_duration (a Composer time string like "
+                f"'1ep', '1000ba', '2000000tok') and tokens_per_param (> 0, e.g. 20); got "
+                f"max_duration={self.max_duration!r}, tokens_per_param={self.tokens_per_param}"))
+        elif self.max_duration.strip():
+            p = _time_problem("max_duration", self.max_duration, ("ep", "ba", "sp", "tok"),
+                              whole=False)  # turned into whole batches by total_batches
+            problems += [p] if p else []
+        if self.tokens_per_param < 0:
+            problems.append(_bad("tokens_per_param", f"must be >= 0, got {self.tokens_per_param}"))
+        if self.global_batch_size < 1:
+            problems.append(_bad("global_batch_size", f"must be >= 1, got {self.global_batch_size}"))
+        if self.device_microbatch_size < 0:
+            problems.append(_bad("device_microbatch_size",
+                                    f"must be >= 0 (0 = whole device batch), got {self.device_microbatch_size}"))
+        p = _time_problem("save_interval", self.save_interval, ("ep", "ba", "sp", "tok", "dur"))
+        problems += [p] if p else []
+        if str(self.eval_interval).strip() != "0":
+            p = _time_problem("eval_interval", self.eval_interval, ("ep", "ba", "sp", "tok", "dur"))
+            problems += [p] if p else []
+        if self.num_checkpoints_to_keep == 0 or self.num_checkpoints_to_keep < -1:
+            problems.append(_bad("num_checkpoints_to_keep", "must be >= 1, or -1 to keep all "
+                                    "(resume needs at least the last checkpoint), got "
+                                    f"{self.num_checkpoints_to_keep}"))
+        for key in ("eval_batches", "num_workers"):
+            if getattr(self, key) < 0:
+                problems.append(_bad(key, f"must be >= 0, got {getattr(self, key)}"))
+        if self.log_interval < 1:
+            problems.append(_bad("log_interval", f"must be >= 1, got {self.log_interval}"))
+        for key in ("grad_clip_norm", "peak_tflops"):
+            if getattr(self, key) < 0:
+                problems.append(_bad(key, f"must be >= 0, got {getattr(self, key)}"))
+        if problems:
+            raise RecipeError(problems)
+
+    def total_batches(self, num_params: int, seq_len: int, batches_per_epoch: int) -> int:
+        """The run's length in optimizer steps (``max_duration`` or ``tokens_per_param``);
+        ``"Nep"`` needs the number of batches in an epoch, the others don't."""
+        tokens_per_batch = self.global_batch_size * seq_len
+        if self.tokens_per_param > 0:
+            return max(1, math.ceil(self.tokens_per_param * num_params / tokens_per_batch))
+        m = _TIME.match(self.max_duration)
+        assert m, "checked in __post_init__"
+        value, unit = float(m.group(1)), m.group(2).lower()
+        per_unit = {"ba": 1, "sp": self.global_batch_size, "tok": tokens_per_batch}
+        if unit == "ep":
+            return max(1, math.ceil(value * batches_per_epoch))
+        return max(1, math.ceil(value / per_unit[unit]))
+
+    def run(self, ctx: StageContext) -> None:
+        import os
+
+        parallelism = ctx.build("parallelism", self.parallelism)
+        nproc = parallelism.num_processes_per_node()  # type: ignore[attr-defined]
+        if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            from .worker import launch
+
+            launch(self, ctx, nproc)
+        else:
+            from .trainer import train
+
+            train(self, ctx)
 
 
 @hookimpl
 def recipe_components():
-    return []
+    return [AdamW, CosineWarmup, SingleDevice, DDP, FSDP, ComposerTrain]

@@ -1,0 +1,389 @@
+"""The ``composer_train`` stage's body: Composer's ``Trainer`` over mosaicml-streaming shards.
+
+Runs in the stage's process (one device), or in each process that ``worker.py`` launched.
+Reads top to bottom: data, model wrapper, callback, then ``train``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from composer import Callback, ComposerModel, Event, State, Trainer
+from composer.core import DataSpec, Evaluator
+from composer.loggers import Logger
+from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
+from composer.utils import dist, reproducibility
+
+from recipe_engine import RecipeError, StageContext, StageError
+
+if TYPE_CHECKING:
+    from . import ComposerTrain
+
+RUN_NAME = "train"  # fixed, so that autoresume finds the checkpoints of an earlier attempt
+IGNORE_INDEX = -100
+REQUIRED_META = ("seq_len", "vocab_size", "bos_id", "eos_id", "pad_id", "num_train_samples")
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def collate_tokens(samples: list[dict[str, Any]]) -> torch.Tensor:
+    """MDS samples ``{"tokens": uint16/int32 array}`` -> one int64 ``(batch, seq_len)`` tensor."""
+    return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+
+
+def num_tokens(batch: torch.Tensor) -> int:
+    return int(batch.numel())
+
+
+def stream_dirs(split_dir: Path, cache_dir: Path) -> tuple[str, str | None]:
+    """``(local, remote)`` for ``StreamingDataset``. Uncompressed shards are read in place
+    (``remote=None``). Compressed ones would be decompressed next to themselves, inside the
+    committed shards artifact, so they are read as a "remote" and decompressed into a
+    cache directory of our own (unique per attempt: streaming refuses a local directory
+    that another live dataset with a remote registered)."""
+    index = json.loads((split_dir / "index.json").read_text())
+    if all(not s.get("compression") for s in index.get("shards", [])):
+        return str(split_dir), None
+    return str(cache_dir), str(split_dir)
+
+
+def make_loader(split_dir: Path, cache_dir: Path, batch_size: int, shuffle: bool, seed: int,
+                num_workers: int) -> torch.utils.data.DataLoader:
+    from streaming import StreamingDataset
+
+    local, remote = stream_dirs(split_dir, cache_dir)
+    dataset = StreamingDataset(local=local, remote=remote, shuffle=shuffle, shuffle_seed=seed,
+                               batch_size=batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_tokens,
+                                       num_workers=num_workers, drop_last=shuffle,
+                                       persistent_workers=num_workers > 0)
+
+
+# -- model -----------------------------------------------------------------------------------
+
+
+class CausalLM(ComposerModel):
+    """Next-token prediction on packed sequences: the model reads ``tokens[:, :-1]`` and is
+    scored on ``tokens[:, 1:]`` (cross-entropy, nats per token)."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int | None = None):
+        super().__init__()
+        self.model = model
+        self.pad_id = pad_id  # targets equal to it are not scored (packing makes none, normally)
+
+    def targets(self, batch: torch.Tensor) -> torch.Tensor:
+        targets = batch[:, 1:]
+        if self.pad_id is not None:
+            targets = targets.masked_fill(targets == self.pad_id, IGNORE_INDEX)
+        return targets
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch[:, :-1])
+
+    def loss(self, outputs: torch.Tensor, batch: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return F.cross_entropy(outputs.flatten(0, 1).float(), self.targets(batch).flatten(),
+                               ignore_index=IGNORE_INDEX)
+
+    def eval_forward(self, batch: torch.Tensor, outputs: Any = None) -> torch.Tensor:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def update_metric(self, batch: torch.Tensor, outputs: torch.Tensor, metric: Any) -> None:
+        metric.update(outputs.float(), self.targets(batch))
+
+    def get_metrics(self, is_train: bool) -> dict[str, Any]:
+        if is_train:
+            return {}
+        return {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+                "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX)}
+
+
+# -- progress --------------------------------------------------------------------------------
+
+
+class StageProgress(Callback):
+    """Reports batches done through ``ctx.progress``, logs every ``log_interval`` batches,
+    keeps a smoothed train loss (saved in Composer checkpoints, so it survives a resume) and
+    times this attempt's batches (data loading + step; checkpointing and eval excluded)."""
+
+    def __init__(self, ctx: StageContext | None, total_batches: int, log_interval: int,
+                 tokens_per_batch: int, flops_per_token: float):
+        self.ctx = ctx  # None on ranks other than 0
+        self.total = total_batches
+        self.log_interval = log_interval
+        self.tokens_per_batch = tokens_per_batch
+        self.flops_per_token = flops_per_token
+        self.ema_num = self.ema_den = 0.0  # debiased EMA of the train loss, beta 0.9
+        self.last_loss: float | None = None
+        self.val_loss: float | None = None
+        self.batches = 0  # in this attempt
+        self.seconds = 0.0
+        self._t0: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema_num": self.ema_num, "ema_den": self.ema_den, "last_loss": self.last_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema_num, self.ema_den = state["ema_num"], state["ema_den"]
+        self.last_loss = state.get("last_loss")
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.ema_num / self.ema_den if self.ema_den else None
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        self._t0 = time.perf_counter()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+        self.batches += 1
+        loss = (state.total_loss_dict or {}).get("loss/train/total")
+        if loss is not None and math.isfinite(loss):
+            self.last_loss = loss
+            self.ema_num = 0.9 * self.ema_num + 0.1 * loss
+            self.ema_den = 0.9 * self.ema_den + 0.1
+        step = int(state.timestamp.batch)
+        if self.ctx is None:
+            return
+        self.ctx.progress(step, self.total, "batches")
+        if step % self.log_interval == 0 or step == self.total:
+            lr = state.optimizers[0].param_groups[0]["lr"]
+            tps = self.batches * self.tokens_per_batch / self.seconds if self.seconds else 0.0
+            smoothed = f"{self.train_loss:.4f}" if self.train_loss is not None else "?"
+            self.ctx.log(f"batch {step}/{self.total} loss {smoothed} lr {lr:.3g} "
+                         f"{tps:,.0f} tok/s {tps * self.flops_per_token / 1e9:,.1f} GFLOP/s")
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        value = state.eval_metric_values.get("LanguageCrossEntropy")
+        if value is not None:
+            self.val_loss = float(value)
+            if self.ctx is not None:
+                self.ctx.log(f"batch {int(state.timestamp.batch)}: val loss {self.val_loss:.4f}")
+
+
+# -- final weights ---------------------------------------------------------------------------
+
+
+def full_state_dict(module: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The unsharded fp32 weights (complete on rank 0 only when ``sharded``)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                   cpu_offload=True))
+    else:
+        sd = module.state_dict()
+    strip = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "module.")
+    clean = {}
+    for key, value in sd.items():
+        for s in strip:
+            key = key.replace(s, "")
+        clean[key] = value.detach().to("cpu", torch.float32)
+    return clean
+
+
+# -- the stage -------------------------------------------------------------------------------
+
+
+def _resolve_device(device: str, nproc: int) -> str:
+    if device == "auto":
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            raise RecipeError("device: 'gpu' was asked for but torch sees no CUDA device")
+        if nproc > torch.cuda.device_count():
+            raise RecipeError(f"parallelism: {nproc} processes per node but only "
+                              f"{torch.cuda.device_count()} GPUs")
+    return device
+
+
+def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = None) -> dict[str, Any]:
+    """Train, write the checkpoint artifact into ``ctx.output`` (rank 0), fill ``ctx.meta``
+    and ``ctx.metrics``. ``cache_tag`` names this attempt's stream cache (the launcher gives
+    every rank the same one). Returns ``{"meta": ..., "metrics": ...}``."""
+    started = time.perf_counter()
+    shards = ctx.inputs["shards"]
+    meta = shards.meta
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise StageError(f"the shards artifact at {shards.path} lacks meta {missing}")
+    vocab_size, seq_len = int(meta["vocab_size"]), int(meta["seq_len"])
+
+    model_cfg = ctx.build("model", stage.model)
+    optim_cfg = ctx.build("optimizer", stage.optimizer)
+    sched_cfg = ctx.build("scheduler", stage.scheduler)
+    parallel = ctx.build("parallelism", stage.parallelism)
+
+    world_size, rank = dist.get_world_size(), dist.get_global_rank()
+    device = _resolve_device(stage.device, dist.get_local_world_size())
+    if world_size > 1 and not dist.is_initialized():
+        dist.initialize_dist(device)
+    if stage.global_batch_size % world_size:
+        raise RecipeError(f"global_batch_size={stage.global_batch_size} is not divisible by "
+                          f"the {world_size} processes")
+    device_batch = stage.global_batch_size // world_size
+    micro = stage.device_microbatch_size or device_batch
+    if device_batch % micro:
+        raise RecipeError(f"device_microbatch_size={micro} does not divide the per-device batch "
+                          f"of {device_batch} sequences")
+    if device == "cpu" and stage.precision != "fp32":
+        raise RecipeError(f"precision={stage.precision} needs a GPU (Composer trains on CPU in "
+                          f"fp32 only); set precision: fp32 for CPU runs")
+
+    # data: this attempt's cache (only used for compressed shards); earlier attempts' are stale
+    cache_root = Path(ctx.work) / "stream_cache"
+    tag = cache_tag or uuid.uuid4().hex[:12]
+    if cache_tag is None:  # in-process, one rank: earlier attempts' caches are stale
+        shutil.rmtree(cache_root, ignore_errors=True)
+    train_loader = make_loader(Path(shards.path) / "train", cache_root / tag / "train",
+                               device_batch, True, stage.seed, stage.num_workers)
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        raise StageError(f"the {meta['num_train_samples']} training sequences do not fill one "
+                         f"global batch of {stage.global_batch_size}")
+    evaluator = None
+    if int(meta.get("num_val_samples", 0)) > 0:
+        eval_loader = make_loader(Path(shards.path) / "val", cache_root / tag / "val",
+                                  device_batch, False, stage.seed, 0)
+        interval: Any = stage.eval_interval.strip()
+        if interval == "0":  # only once, when training ends
+            interval = lambda state, event: event == Event.FIT_END  # noqa: E731
+        evaluator = Evaluator(label="eval", dataloader=DataSpec(eval_loader, get_num_tokens_in_batch=num_tokens),
+                              metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
+                              eval_interval=interval, subset_num_batches=stage.eval_batches or -1)
+    elif rank == 0:
+        ctx.log("the shards have no validation sequences: no val_loss")
+
+    # model, optimizer, schedule
+    num_params = model_cfg.num_params(vocab_size, embeddings=True)  # type: ignore[attr-defined]
+    flops_per_token = model_cfg.flops_per_token(vocab_size, seq_len)  # type: ignore[attr-defined]
+    batches = stage.total_batches(num_params, seq_len, batches_per_epoch)
+    tokens_per_batch = stage.global_batch_size * seq_len
+    reproducibility.seed_all(stage.seed)
+    module = model_cfg.build(vocab_size, seq_len)  # type: ignore[attr-defined]
+    parallel.prepare(module)  # type: ignore[attr-defined]
+    no_decay = [f"{mname}.{pname}".lstrip(".") for mname, m in module.named_modules()
+                if isinstance(m, torch.nn.Embedding) for pname, _ in m.named_parameters(recurse=False)]
+    optimizer = optim_cfg.build(module.named_parameters(), no_decay)  # type: ignore[attr-defined]
+    scheduler = sched_cfg.build()  # type: ignore[attr-defined]
+    pad_id = meta.get("pad_id")
+    if not (isinstance(pad_id, int) and 0 <= pad_id < vocab_size
+            and pad_id not in (meta.get("bos_id"), meta.get("eos_id"))):
+        pad_id = None
+    composer_model = CausalLM(module, pad_id)
+
+    progress = StageProgress(ctx if rank == 0 else None, batches, stage.log_interval,
+                             tokens_per_batch, flops_per_token)
+    algorithms = []
+    if stage.grad_clip_norm > 0:
+        from composer.algorithms import GradientClipping
+
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=stage.grad_clip_norm))
+    ckpt_dir = Path(ctx.work) / "checkpoints"
+    if rank == 0:
+        epochs = batches / batches_per_epoch
+        ctx.log(f"{model_cfg.name}: {num_params / 1e6:.2f}M params, {batches} batches of "
+                f"{stage.global_batch_size}x{seq_len} tokens ({batches * tokens_per_batch:,} tokens, "
+                f"{epochs:.2f} epochs), {world_size} process(es) on {device}, {stage.precision}")
+        if epochs > 1:
+            ctx.log(f"the run repeats the training data ({epochs:.2f} epochs)")
+    trainer = Trainer(
+        model=composer_model,
+        train_dataloader=DataSpec(train_loader, get_num_tokens_in_batch=num_tokens),
+        max_duration=f"{batches}ba",
+        eval_dataloader=evaluator,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        algorithms=algorithms,
+        callbacks=[progress],
+        loggers=[],
+        run_name=RUN_NAME,
+        progress_bar=False,
+        log_to_console=False,
+        save_folder=str(ckpt_dir),
+        save_interval=stage.save_interval.strip(),
+        save_num_checkpoints_to_keep=stage.num_checkpoints_to_keep,
+        # a killed attempt can leave a half-written later checkpoint; it is ours to replace
+        save_overwrite=True,
+        autoresume=True,
+        device=device,
+        precision=stage.precision,
+        device_train_microbatch_size=micro,
+        seed=stage.seed,
+        compile_config={} if stage.compile else None,
+        **parallel.trainer_kwargs(),  # type: ignore[attr-defined]
+    )
+    resumed_from = int(trainer.state.timestamp.batch)
+    if resumed_from >= batches:  # killed after the last checkpoint: nothing left to train
+        if rank == 0:
+            ctx.log(f"the checkpoint at batch {resumed_from} ends the run; not training further")
+        if evaluator is not None:
+            trainer.eval()
+    else:
+        if rank == 0 and resumed_from:
+            ctx.log(f"resumed from the checkpoint at batch {resumed_from}")
+        trainer.fit()
+    steps = int(trainer.state.timestamp.batch)
+    tokens_trained = int(trainer.state.timestamp.token) or steps * tokens_per_batch
+
+    # final weights: unsharded, fp32, into a fresh module (plain nn.Module for load_model)
+    sharded = trainer.state.fsdp_enabled
+    state_dict = full_state_dict(composer_model.model, sharded)
+    if rank == 0:
+        from recipe_engine_plugins.models import save_model
+
+        fresh = model_cfg.build(vocab_size, seq_len)  # type: ignore[attr-defined]
+        missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
+        # a tied weight may be gathered under one of its names only; the fresh module ties it
+        first_name: dict[int, str] = {}
+        tied = set()
+        for name, p in fresh.named_parameters(remove_duplicate=False):
+            if id(p) in first_name:
+                tied.update({name, first_name[id(p)]})
+            first_name.setdefault(id(p), name)
+        if unexpected or set(missing) - tied:
+            raise StageError(f"the trained weights do not fit a fresh {model_cfg.name}: missing "
+                             f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+        save_model(fresh, model_cfg, vocab_size, seq_len, Path(ctx.output))  # type: ignore[arg-type]
+    trainer.close()
+    if dist.get_local_rank() == 0:
+        shutil.rmtree(cache_root / tag, ignore_errors=True)
+
+    seconds = time.perf_counter() - started
+    # this attempt's speed (none when an earlier attempt had already trained every batch)
+    tps = progress.batches * tokens_per_batch / progress.seconds if progress.seconds else None
+    metrics: dict[str, Any] = {
+        "train_loss": progress.train_loss,
+        "val_loss": progress.val_loss,
+        "tokens_per_second": round(tps, 1) if tps else None,
+        "seconds": round(seconds, 3),
+        "flops_per_token": flops_per_token,
+        "model_flops": flops_per_token * tokens_trained,
+    }
+    if device == "gpu" and stage.peak_tflops > 0 and tps:
+        metrics["mfu"] = tps * flops_per_token / (stage.peak_tflops * 1e12 * world_size)
+        metrics["peak_tflops"] = stage.peak_tflops
+    out_meta = {k: meta[k] for k in ("vocab_size", "seq_len", "bos_id", "eos_id", "pad_id")}
+    out_meta.update(num_params=num_params, tokens_trained=tokens_trained, steps=steps,
+                    resumed_from_step=resumed_from)
+    ctx.meta.update(out_meta)
+    ctx.metrics.update({k: v for k, v in metrics.items() if v is not None})
+    if rank == 0:
+        done = f"done: {steps} batches, {tokens_trained:,} tokens"
+        if progress.train_loss is not None:
+            done += f", train loss {progress.train_loss:.4f}"
+        if progress.val_loss is not None:
+            done += f", val loss {progress.val_loss:.4f}"
+        ctx.log(done + (f", {tps:,.0f} tok/s" if tps else ""))
+    return {"meta": out_meta, "metrics": ctx.metrics}
