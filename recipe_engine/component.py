@@ -151,6 +151,10 @@ class Stage(Component):
         listing, say). Must be cheap: ``recipe plan`` calls it."""
         return None
 
-    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Estimates for ``recipe plan`` (tokens, FLOPs, memory). Room for the compute planner."""
+    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]],
+                      build: Callable[[str, Any], Component]) -> dict[str, Any]:
+        """Estimates for ``recipe plan`` (tokens, FLOPs, memory), from the inputs' ``meta``
+        (the real one when the input is cached, else that input's own estimate). Return
+        ``{"meta": {...}}`` to pass estimates downstream; other keys are shown to the user.
+        ``build`` constructs a sub-component named in this stage's params."""
         return {}

@@ -62,7 +62,8 @@ def plan(recipe: Recipe, pm: PluginManager, store: Store) -> list[PlannedStage]:
             status = "stale" if name in index else "new"
         inputs_meta = {slot: metas.get(up, {}) for slot, up in spec.inputs.items()}
         try:
-            estimates = spec.instantiate(pm.registry).describe_plan(inputs_meta) or {}
+            estimates = spec.instantiate(pm.registry).describe_plan(
+                inputs_meta, pm.registry.build) or {}
         except Exception as e:  # an estimate must never break planning
             estimates = {"error": f"{type(e).__name__}: {e}"}
         metas.setdefault(name, estimates.get("meta", {}))

@@ -113,8 +113,8 @@ class _Checker:
         try:
             cls(**out)  # __post_init__ checks (cheap, side-effect free by contract)
         except RecipeError as e:
-            for p in e.problems:
-                self.problem(key, p.message)
+            for p in e.problems:  # a problem keyed by parameter name points at that parameter
+                self.problem(f"{key}.{p.key}" if p.key in out else key, p.message)
             return None
         except (TypeError, ValueError) as e:
             self.problem(key, f"{cls.kind} {cls.name!r} rejected its parameters: {e}")

@@ -189,6 +189,12 @@ class MDSShards(Stage):
             raise ValueError(f"size_limit {self.size_limit!r} is not a size like '64mb' or "
                              "67108864")
 
+    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]], build: Any) -> dict[str, Any]:
+        meta = {"seq_len": self.seq_len}
+        if "vocab_size" in inputs_meta.get("tokenizer", {}):
+            meta["vocab_size"] = inputs_meta["tokenizer"]["vocab_size"]
+        return {"meta": meta}
+
     def run(self, ctx: StageContext) -> None:
         start = time.perf_counter()
         import numpy as np

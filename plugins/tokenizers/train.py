@@ -136,6 +136,9 @@ class SentencePieceBPE(Stage):
         if self.num_threads < 0:
             raise ValueError("num_threads must be >= 0 (0: one per CPU core)")
 
+    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]], build: Any) -> dict[str, Any]:
+        return {"meta": {"vocab_size": self.vocab_size}}
+
     def run(self, ctx: StageContext) -> None:
         from .spm import INFO_FILE, MODEL_FILE, VOCAB_FILE, Tokenizer, escape
 

@@ -316,6 +316,47 @@ class ComposerTrain(Stage):
             return max(1, math.ceil(value * batches_per_epoch))
         return max(1, math.ceil(value / per_unit[unit]))
 
+    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]], build: Any) -> dict[str, Any]:
+        """Size, budget and cost before any GPU is booked: parameters, tokens, steps, FLOPs,
+        the Chinchilla ratio, optimizer-state memory per device and device-hours at an
+        assumed utilisation (a planning figure, not a measurement)."""
+        shards = inputs_meta.get("shards", {})
+        vocab, seq_len = shards.get("vocab_size"), shards.get("seq_len")
+        if not vocab or not seq_len:
+            return {"note": "model size unknown until the tokenizer and shards are planned"}
+        model = build("model", self.model)
+        parallelism = build("parallelism", self.parallelism)
+        n_params = model.num_params(vocab)  # type: ignore[attr-defined]
+        batches_per_epoch = max(1, shards.get("num_train_samples", 0) // self.global_batch_size)
+        if self.max_duration.endswith("ep") and "num_train_samples" not in shards:
+            return {"params": n_params, "note": "epochs: the step count needs the shards first"}
+        steps = self.total_batches(n_params, seq_len, batches_per_epoch)
+        tokens = steps * self.global_batch_size * seq_len
+        flops = model.flops_per_token(vocab, seq_len) * tokens  # type: ignore[attr-defined]
+        devices = parallelism.num_processes_per_node()  # type: ignore[attr-defined]
+        sharded = parallelism.name == "fsdp"
+        # fp32 weights + grads + two Adam moments = 16 bytes per parameter
+        state_gb = 16 * n_params / (devices if sharded else 1) / 2**30
+        out: dict[str, Any] = {
+            "params": n_params,
+            "params_non_embedding": model.num_params(vocab, embeddings=False),  # type: ignore[attr-defined]
+            "tokens": tokens,
+            "steps": steps,
+            "tokens_per_batch": self.global_batch_size * seq_len,
+            "tokens_per_param": round(tokens / n_params, 2),
+            "chinchilla": "ok (~20 tokens/param)" if 15 <= tokens / n_params <= 30 else
+                          ("under-trained for its size" if tokens / n_params < 15 else "over-trained for its size"),
+            "train_flops": f"{flops:.3e}",
+            "devices_per_node": devices,
+            "optimizer_state_gb_per_device": round(state_gb, 1),
+        }
+        if self.device != "cpu":
+            peak = self.peak_tflops or 989.0  # H100 SXM dense bf16, if not given
+            hours = flops / (0.4 * peak * 1e12) / 3600
+            out["gpu_hours_at_40pct_mfu"] = round(hours, 1)
+            out["days_on_8_gpus"] = round(hours / 8 / 24, 1)
+        return out
+
     def run(self, ctx: StageContext) -> None:
         import os
 

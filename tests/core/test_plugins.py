@@ -89,16 +89,14 @@ def test_every_hook_is_documented():
         assert inspect.signature(f).return_annotation is not inspect.Signature.empty
 
 
-CORE_COMMANDS = ["--help", "plugins"]
-
-
 @pytest.mark.parametrize("args", [["--help"], ["plugins"],
                                   ["validate", "recipes/micro_code.yaml"],
                                   ["plan", "recipes/7b_code.yaml"]])
 def test_core_commands_import_no_ml_framework(args):
     code = (
         "import sys; from recipe_engine.cli import main\n"
-        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+        "print('RC', rc, file=sys.stderr)\n"
         "heavy = sorted(m for m in ('torch', 'composer', 'streaming', 'lm_eval', 'transformers',"
         " 'sentencepiece', 'numpy') if m in sys.modules)\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"
@@ -107,6 +105,7 @@ def test_core_commands_import_no_ml_framework(args):
 
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
                           text=True, env={**__import__("os").environ, "RECIPE_STORE": "/nonexistent-store"})
+    assert "RC 0" in proc.stderr, proc.stderr[-2000:]
     assert "HEAVY []" in proc.stderr, proc.stderr[-2000:]
 
 
