@@ -105,6 +105,7 @@ def run(
     forced = recipe.downstream(set(recipe.stages) if "*" in force else force)
     fps = compute_fingerprints(recipe, pm)
     progress = progress or Progress(len(selected))
+    progress.total = len(selected)
     hook = pm.hook
     hook.recipe_run_started(recipe_name=recipe.name, stages=selected, store=str(store.root))
     summary: dict[str, Any] = {"recipe": recipe.name, "store": str(store.root), "stages": []}

@@ -115,3 +115,9 @@ def test_nested_subcomponent_params_are_fingerprinted(toy):
     b = toy.run_json("++stages.upper.params.marker={name: bang, times: 3}")
     assert statuses(b)["upper"] == "ran"
     assert a["stages"][1]["fingerprint"] != b["stages"][1]["fingerprint"]
+
+
+def test_progress_counts_only_the_selected_stages(toy):
+    rc, out, err = toy("run", toy.recipe, "--until", "upper")
+    assert rc == 0
+    assert "[2/2] upper" in err and "/3]" not in err
