@@ -230,7 +230,6 @@ def multirun(
     configured sweeper and launcher (``hydra/launcher=joblib`` etc. work unchanged).
     Returns one result per job: ``{"overrides": [...], **job result}`` or an ``error``."""
     from hydra.errors import HydraException
-    from hydra.types import RunMode
     from omegaconf.errors import OmegaConfBaseException
 
     recipe = _check_recipe_path(path)

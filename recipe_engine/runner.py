@@ -36,7 +36,7 @@ class PlannedStage:
 def compute_fingerprints(recipe: Recipe, pm: PluginManager) -> dict[str, str]:
     fps: dict[str, str] = {}
     for name, spec in recipe.stages.items():
-        stage = spec.instantiate(pm.registry)
+        stage = spec.instantiate()
         fps[name] = fingerprint({
             "component": spec.component.name,
             "versions": spec.versions,
@@ -62,7 +62,7 @@ def plan(recipe: Recipe, pm: PluginManager, store: Store) -> list[PlannedStage]:
             status = "stale" if name in index else "new"
         inputs_meta = {slot: metas.get(up, {}) for slot, up in spec.inputs.items()}
         try:
-            estimates = spec.instantiate(pm.registry).describe_plan(
+            estimates = spec.instantiate().describe_plan(
                 inputs_meta, pm.registry.build) or {}
         except Exception as e:  # an estimate must never break planning
             estimates = {"error": f"{type(e).__name__}: {e}"}
@@ -159,7 +159,7 @@ def _headline(metrics: dict[str, Any], n: int = 3) -> str:
 def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec, fp: str,
                fps: dict[str, str], artifacts: dict[str, Artifact], progress: Progress) -> Artifact:
     registry = pm.registry
-    stage = spec.instantiate(registry)
+    stage = spec.instantiate()
     executor = registry.build("executor", spec.executor)
     resumed = store.scratch_exists(fp)
     out, scratch = store.begin(fp)

@@ -27,7 +27,7 @@ class StageSpec:
     executor: dict[str, Any]
     versions: dict[str, str] = field(default_factory=dict)  # "kind/name" -> version used
 
-    def instantiate(self, registry: Registry) -> Stage:
+    def instantiate(self) -> Stage:
         return self.component(**self.params)
 
 
@@ -245,8 +245,6 @@ class _Checker:
 def validate(loaded: LoadedRecipe, registry: Registry) -> Recipe:
     """Resolve interpolations, check every stage, order the graph. Raises RecipeError
     listing every problem found."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     checker = _Checker(loaded, registry)
     config = _resolve(loaded.cfg, checker)
