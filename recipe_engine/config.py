@@ -3,6 +3,10 @@ search path (the recipe's directory first, then directories contributed by plugi
 override syntax, and multirun through Hydra's own sweeper and launcher plugins.
 
 Also answers "which file set this key?" so validation errors can name the file.
+
+Before Hydra reads anything, :func:`recipe_engine.safety.check_recipe` checks every file the
+recipe can compose from and the command line for Hydra's instantiation points (a recipe is
+data); after composing, the recipe ``name`` is checked, since it becomes part of paths.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import Problem, RecipeError
+from . import safety
+from .errors import Problem, RecipeError, did_you_mean
 
 # Keep Hydra quiet and out of the working directory: no logging setup, no outputs/ dirs.
 _HYDRA_DEFAULTS = [
@@ -158,10 +163,58 @@ def _check_recipe_path(path: str | os.PathLike) -> Path:
     return recipe
 
 
+def _check_safe(recipe: Path, overrides: list[str], config_dirs: list[str]) -> None:
+    """Refuse, before Hydra composes or instantiates anything, files or overrides that could
+    make Hydra run code (every problem at once)."""
+    problems = safety.check_recipe(recipe, config_dirs, overrides)
+    if problems:
+        raise RecipeError(problems)
+
+
+def _check_name(loaded: LoadedRecipe) -> LoadedRecipe:
+    try:
+        name = loaded.cfg.get("name")
+    except Exception:  # an unresolvable interpolation: validation reports it with its file
+        return loaded
+    problems = safety.check_names({"name": name}, default_name=loaded.path.stem)
+    if problems:
+        try:
+            file = loaded.locate("name")
+        except Exception:
+            file = str(loaded.path)
+        raise RecipeError([Problem(key=p.key, message=p.message, file=file) for p in problems])
+    return loaded
+
+
 def _hydra_error(recipe: Path, e: Exception) -> RecipeError:
     msg = str(e).strip().splitlines()
     return RecipeError(Problem(key="recipe", file=str(recipe),
                                message=" ".join(m.strip() for m in msg) or type(e).__name__))
+
+
+def _search_path_override(config_dirs: list[str]) -> list[str]:
+    """Plugin config dirs as Hydra's own ``hydra.searchpath`` (after the recipe's dir)."""
+    if not config_dirs:
+        return []
+    quoted = []
+    for d in config_dirs:
+        url = d if "://" in d else f"file://{d}"
+        quoted.append("'" + url.replace("\\", "\\\\").replace("'", "\\'") + "'")
+    return [f"hydra.searchpath=[{','.join(quoted)}]"]
+
+
+def _compose(recipe: Path, overrides: list[str], config_dirs: list[str]) -> tuple[Any, Any]:
+    """Hydra's public compose API: (config with its ``hydra`` node, the config loader)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    _register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(recipe.parent), version_base="1.3",
+                               job_name=recipe.stem):
+        cfg = compose(recipe.stem, _search_path_override(config_dirs) + list(overrides),
+                      return_hydra_config=True)
+        return cfg, GlobalHydra.instance().config_loader()
 
 
 def load(path: str | os.PathLike, overrides: list[str], config_dirs: list[str]) -> LoadedRecipe:
@@ -172,21 +225,71 @@ def load(path: str | os.PathLike, overrides: list[str], config_dirs: list[str]) 
     from omegaconf.errors import OmegaConfBaseException
 
     recipe = _check_recipe_path(path)
-    hydra = _hydra(recipe, config_dirs)
+    overrides = list(overrides)
+    _check_safe(recipe, overrides, config_dirs)
     try:
-        cfg = hydra.compose_config(recipe.stem, _HYDRA_DEFAULTS + list(overrides), RunMode.RUN)
+        cfg, loader = _compose(recipe, overrides, config_dirs)
     except (HydraException, OmegaConfBaseException) as e:
-        raise _hydra_error(recipe, e) from e
+        raise _override_error(recipe, overrides, config_dirs, e) or _hydra_error(recipe, e) from e
     choices = dict(OmegaConf.to_container(cfg.hydra.runtime.choices, resolve=False))  # type: ignore
     with open_dict(cfg):
         del cfg["hydra"]
+        cfg["name"] = _own_name(recipe, overrides, cfg)
 
     def sources() -> list[tuple[str, str, Path]]:
-        defaults = hydra.config_loader.compute_defaults_list(
-            recipe.stem, _HYDRA_DEFAULTS + list(overrides), RunMode.RUN)
+        defaults = loader.compute_defaults_list(
+            recipe.stem, _search_path_override(config_dirs) + overrides, RunMode.RUN)
         return _sources(defaults, recipe, config_dirs)
 
-    return LoadedRecipe(recipe, list(overrides), cfg, sources, choices)
+    return _check_name(LoadedRecipe(recipe, overrides, cfg, sources, choices))
+
+
+def _own_name(recipe: Path, overrides: list[str], cfg: Any) -> Any:
+    """A recipe's name is its own, never inherited from a recipe it extends: the command
+    line's ``name=``, else the ``name:`` in the recipe file itself, else the file's stem."""
+    import yaml
+
+    if any(ov.split("=", 1)[0].lstrip("+~") == "name" for ov in overrides):
+        return cfg.get("name")
+    try:
+        own = yaml.safe_load(recipe.read_text())
+    except (OSError, yaml.YAMLError):
+        own = None
+    if isinstance(own, dict) and own.get("name") not in (None, ""):
+        return cfg.get("name")  # the file's value, interpolations resolved by validation
+    return recipe.stem
+
+
+def _override_error(recipe: Path, overrides: list[str], config_dirs: list[str],
+                    e: Exception) -> RecipeError | None:
+    """A command-line override of a key that does not exist, reported like a misspelt key
+    in a file: the key, a did-you-mean, and the override as the place it came from."""
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    m = re.search(r"Could not override '([^']+)'", str(e))
+    if not m:
+        return None
+    key = m.group(1)
+    override = next((ov for ov in overrides if ov.split("=", 1)[0].lstrip("~") == key), key)
+    rest = [ov for ov in overrides if ov != override]
+    try:
+        cfg, _ = _compose(recipe, rest, config_dirs)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+    while node is None and parent:  # the missing part may be higher up
+        parent, _, leaf = parent.rpartition(".")
+        node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+    keys = [str(k) for k in node.keys()] if OmegaConf.is_dict(node) else []
+    where = f"{parent}.{leaf}" if parent else leaf
+    message = (f"no key {leaf!r} to override{did_you_mean(leaf, keys)}"
+               + (f"; {parent or 'the recipe'} has: {', '.join(sorted(keys))}" if keys else "")
+               + f"; to add a new key, write +{override}")
+    return RecipeError(Problem(key=where, message=message,
+                               file=f"command-line override {override!r}"))
 
 
 def from_job_config(path: str | os.PathLike, cfg: Any, config_dirs: list[str]) -> LoadedRecipe:
@@ -200,7 +303,7 @@ def from_job_config(path: str | os.PathLike, cfg: Any, config_dirs: list[str]) -
     overrides = list(OmegaConf.to_container(hc.overrides.task, resolve=False))  # type: ignore
     choices = dict(OmegaConf.to_container(hc.runtime.choices, resolve=False))  # type: ignore
     # provenance falls back to the recipe file: a sweep's jobs share the first job's files
-    return LoadedRecipe(recipe, overrides, cfg, None, choices)
+    return _check_name(LoadedRecipe(recipe, overrides, cfg, None, choices))
 
 
 def _sources(defaults: Any, recipe: Path, config_dirs: list[str]) -> list[tuple[str, str, Path]]:
@@ -233,6 +336,7 @@ def multirun(
     from omegaconf.errors import OmegaConfBaseException
 
     recipe = _check_recipe_path(path)
+    _check_safe(recipe, list(overrides), config_dirs)
     hydra = _hydra(recipe, config_dirs)
     all_overrides = _HYDRA_DEFAULTS + [f"hydra.sweep.dir={sweep_dir}"] + list(overrides)
 
