@@ -13,42 +13,35 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from recipe_engine import RecipeError, Stage, StageContext, StageError, hookimpl
+from recipe_engine import Problems, Stage, StageContext, StageError, hookimpl, warn
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
 
 @dataclass(kw_only=True)
-class HeldoutEval(Stage):
+class HeldoutEval(Stage,
+                  name="heldout_eval",
+                  version="1",
+                  description="held-out loss and bits per byte, with zstd's bits per byte",
+                  inputs={
+        "checkpoint": "checkpoint", "shards": "shards", "tokenizer": "tokenizer"},
+                  output="eval_report"):
     """Validation loss and bits per byte on held-out documents, next to zstd -19's."""
-
-    kind: ClassVar[str] = "evaluate"
-    name: ClassVar[str] = "heldout_eval"
-    version: ClassVar[str] = "1"
-    description: ClassVar[str] = "held-out loss and bits per byte, with zstd's bits per byte"
-    inputs: ClassVar[dict[str, str]] = {
-        "checkpoint": "checkpoint", "shards": "shards", "tokenizer": "tokenizer"}
-    output: ClassVar[str] = "eval_report"
 
     stride: int = 0  # sliding-window stride for long documents; 0: max_seq_len // 2
     batch_size: int = 16  # windows per forward pass
     max_documents: int = 0  # 0: all; else the first N documents by id
     zstd_level: int = 19
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.stride < 0:
-            problems.append(f"stride={self.stride} must be >= 0 (0: half the context)")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} must be >= 1")
-        if self.max_documents < 0:
-            problems.append(f"max_documents={self.max_documents} must be >= 0 (0: all)")
-        if not 1 <= self.zstd_level <= 22:
-            problems.append(f"zstd_level={self.zstd_level} must be between 1 and 22")
-        if problems:
-            raise RecipeError("; ".join(problems))
+    def check(self, problems: Problems) -> None:
+        problems.require(self.stride >= 0, "stride", f"{self.stride} must be >= 0 (0: half the context)")
+        problems.require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
+        problems.require(self.max_documents >= 0, "max_documents",
+                         f"{self.max_documents} must be >= 0 (0: all)")
+        problems.require(1 <= self.zstd_level <= 22, "zstd_level",
+                         f"{self.zstd_level} must be between 1 and 22")
 
     def run(self, ctx: StageContext) -> None:
         import zstandard
@@ -87,7 +80,8 @@ class HeldoutEval(Stage):
         window = spec["max_seq_len"]
         stride = self.stride or max(1, window // 2)
         if stride > window:
-            ctx.log(f"stride={stride} is longer than the model's context; using {window}")
+            warn(f"{ctx.stage}: stride={stride} is longer than the model's context of {window} "
+                 f"tokens; using stride={window}")
             stride = window
         device = pick_device()
         model.to(device)
@@ -140,15 +134,13 @@ class HeldoutEval(Stage):
 
 
 @dataclass(kw_only=True)
-class LmEval(Stage):
+class LmEval(Stage,
+             name="lm_eval",
+             version="1",
+             description="lm-evaluation-harness tasks (shipped: python_basics)",
+             inputs={"checkpoint": "checkpoint", "tokenizer": "tokenizer"},
+             output="eval_report"):
     """lm-evaluation-harness tasks on the trained model, offline."""
-
-    kind: ClassVar[str] = "evaluate"
-    name: ClassVar[str] = "lm_eval"
-    version: ClassVar[str] = "1"
-    description: ClassVar[str] = "lm-evaluation-harness tasks (shipped: python_basics)"
-    inputs: ClassVar[dict[str, str]] = {"checkpoint": "checkpoint", "tokenizer": "tokenizer"}
-    output: ClassVar[str] = "eval_report"
 
     tasks: list[str] = field(default_factory=lambda: ["python_basics"])
     num_fewshot: int = 0
@@ -157,17 +149,11 @@ class LmEval(Stage):
     seed: int = 1234
     bootstrap_iters: int = 1000  # for the stderr of metrics that are not plain means
 
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.tasks:
-            problems.append("tasks is empty; name at least one lm-eval task")
+    def check(self, problems: Problems) -> None:
+        problems.require(bool(self.tasks), "tasks", "is empty; name at least one lm-eval task")
         for key in ("num_fewshot", "limit", "bootstrap_iters"):
-            if getattr(self, key) < 0:
-                problems.append(f"{key}={getattr(self, key)} must be >= 0")
-        if self.batch_size < 1:
-            problems.append(f"batch_size={self.batch_size} must be >= 1")
-        if problems:
-            raise RecipeError("; ".join(problems))
+            problems.require(getattr(self, key) >= 0, key, f"{getattr(self, key)} must be >= 0")
+        problems.require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
 
     def fingerprint_extra(self) -> str:
         """The shipped task files and lm-eval's version: editing a task reruns the stage."""

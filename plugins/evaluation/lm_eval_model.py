@@ -24,6 +24,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
+from recipe_engine import warn
+
 from .runtime import check_vocab, load_checkpoint, load_tokenizer, pick_device
 
 
@@ -42,9 +44,12 @@ class RecipeEngineLM(TemplateLM):
         tokenizer_obj: Any = None,
         max_length: int | None = None,
         build: Callable[[str, Any], Any] | None = None,
-        **_: Any,
+        **ignored: Any,
     ) -> None:
         super().__init__()
+        if ignored:
+            warn(f"recipe_engine model: ignoring model_args {sorted(ignored)}; it takes "
+                 "checkpoint, tokenizer, batch_size, max_gen_toks, device, max_length")
         if tokenizer_obj is None:
             if tokenizer is None:
                 raise ValueError("recipe_engine model: pass tokenizer=<tokenizer artifact dir>")
@@ -58,7 +63,10 @@ class RecipeEngineLM(TemplateLM):
         self._device = torch.device(device) if device else pick_device()
         self.model = model.to(self._device).eval()
         self._max_length = int(max_length or model.args.max_seq_len)
-        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 16
+        if str(batch_size) == "auto":
+            warn("recipe_engine model: batch_size=auto is not supported; using 16")
+            batch_size = 16
+        self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
 
     # -- what TemplateLM asks for ------------------------------------------------------------

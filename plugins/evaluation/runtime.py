@@ -4,32 +4,34 @@ Imported only inside ``run`` (it imports torch).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
-from recipe_engine import StageError
+from recipe_engine import ModelConfig, StageError
+from recipe_engine.artifacts import checkpoint_weights_path, load_tokenizer, read_model_spec
+
+__all__ = ["check_vocab", "load_checkpoint", "load_tokenizer", "pick_device"]
 
 
-def load_tokenizer(directory: Path) -> Any:
-    """The runtime tokenizer of a tokenizer artifact (encode without bos/eos, decode, ids)."""
-    from recipe_engine_plugins.tokenizers.spm import Tokenizer
-
-    return Tokenizer.load(Path(directory))
-
-
-def load_checkpoint(directory: Path, build: Callable[[str, Any], Any] | None = None
+def load_checkpoint(directory: Path, build: Callable[[Any, Any], Any] | None = None
                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The module a checkpoint artifact holds (eval mode, fp32, CPU) and its ``model.json``."""
-    from recipe_engine_plugins.models import load_model
+    """The module a checkpoint artifact holds (eval mode, fp32, CPU) and its ``model.json``.
 
-    directory = Path(directory)
-    spec = json.loads((directory / "model.json").read_text())
-    registry = SimpleNamespace(build=build) if build is not None else None
-    return load_model(directory, registry=registry), spec
+    ``build`` is the stage's ``ctx.build`` (the registry of the run); by default the installed
+    plugins' registry."""
+    from safetensors.torch import load_model as load_weights
+
+    spec = read_model_spec(directory)
+    if build is None:
+        from recipe_engine.plugins import PluginManager
+
+        build = PluginManager().registry.build
+    config = build(ModelConfig, {"name": spec["name"], **spec["params"]})
+    module = config.build(spec["vocab_size"], spec["max_seq_len"])
+    load_weights(module, str(checkpoint_weights_path(directory)))
+    return module.eval(), spec
 
 
 def check_vocab(spec: dict[str, Any], tokenizer: Any, where: str) -> None:

@@ -20,15 +20,17 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from recipe_engine import StageContext, StageError
+from recipe_engine import ModelConfig, StageContext, StageError
+from recipe_engine.artifacts import (EXPORT_NATIVE_DIR, checkpoint_weights_path, load_tokenizer,
+                                     read_model_spec)
+from recipe_engine.tokenizer import ESC  # the runtime tokenizer's escape character
+from recipe_engine.tokenizer import SPACE_SYMBOL as SPACE  # SentencePiece's visible space
 
-NATIVE_DIR = "recipe_engine"
-ESC = "\ue000"  # the escape character of recipe_engine_plugins.tokenizers.spm
-SPACE = "\u2581"  # SentencePiece's visible space
+NATIVE_DIR = EXPORT_NATIVE_DIR
 _PLACEHOLDER = "\ue001\ue002\ue003"  # scratch text inside the decoder chain (escaped ESC)
 
 _LAYER = {
@@ -143,19 +145,37 @@ def hf_tokenizer(tokenizer_dir: Path, max_length: int) -> Any:
         **{k: v for k, v in specials.items() if v is not None})
 
 
+def build_model(spec: dict[str, Any], build: Callable[[Any, Any], Any] | None = None
+                ) -> torch.nn.Module:
+    """A fresh module for a model spec (``model.json``), from the registered model component.
+    ``build``: a stage's ``ctx.build``; by default the installed plugins' registry."""
+    if build is None:
+        from recipe_engine.plugins import PluginManager
+
+        build = PluginManager().registry.build
+    config = build(ModelConfig, {"name": spec["name"], **spec["params"]})
+    return config.build(spec["vocab_size"], spec["max_seq_len"])
+
+
 def export_hf(ctx: StageContext, dtype: str = "float32") -> None:
+    from safetensors.torch import load_model as load_weights
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from recipe_engine_plugins.evaluation.runtime import check_vocab, load_checkpoint, load_tokenizer
-
     ckpt, tok_art = ctx.inputs["checkpoint"], ctx.inputs["tokenizer"]
     out = Path(ctx.output)
-    model, spec = load_checkpoint(ckpt.path, ctx.build)
+    spec = read_model_spec(ckpt.path)
     if spec["name"] != "llama":
         raise StageError(f"hf_export knows the 'llama' architecture only, not {spec['name']!r}")
+    model = build_model(spec, ctx.build)
+    load_weights(model, str(checkpoint_weights_path(ckpt.path)))
+    model.eval()
     tokenizer = load_tokenizer(tok_art.path)
-    check_vocab(spec, tokenizer, "hf_export")
+    if spec["vocab_size"] < tokenizer.vocab_size:
+        raise StageError(
+            f"hf_export: the checkpoint's vocab_size={spec['vocab_size']} is smaller than the "
+            f"tokenizer's vocab_size={tokenizer.vocab_size}; was the model trained with this "
+            "tokenizer?")
 
     config = hf_config(spec, tokenizer, dtype)
     config.save_pretrained(out)
@@ -231,23 +251,17 @@ def model_card(spec: dict[str, Any], config: Any, num_params: int, dtype: str,
     return "\n".join(lines)
 
 
-def load_export(directory: Path, registry: Any = None) -> tuple[torch.nn.Module, Any]:
+def load_export(directory: Path, build: Callable[[Any, Any], Any] | None = None
+                ) -> tuple[torch.nn.Module, Any]:
     """Our model and runtime tokenizer from an export directory (HF weights, renamed back)."""
     from safetensors.torch import load_file
 
-    from recipe_engine_plugins.tokenizers.spm import Tokenizer
-
     directory = Path(directory)
-    spec = json.loads((directory / NATIVE_DIR / "model.json").read_text())
-    if registry is None:
-        from recipe_engine.plugins import PluginManager
-
-        registry = PluginManager().registry
-    config = registry.build("model", {"name": spec["name"], **spec["params"]})
-    model = config.build(spec["vocab_size"], spec["max_seq_len"])
+    spec = read_model_spec(directory / NATIVE_DIR)
+    model = build_model(spec, build)
     state = {from_hf_name(k): v.float() for k, v in
              load_file(str(directory / "model.safetensors")).items()}
     if "output.weight" not in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True)
-    return model.eval(), Tokenizer.load(directory / NATIVE_DIR)
+    return model.eval(), load_tokenizer(directory / NATIVE_DIR)

@@ -1,41 +1,27 @@
 """Model architectures (kind ``model``). A model component is a config: its fields are the
 recipe's ``model:`` group; ``build(vocab_size)`` makes the ``nn.Module`` (torch imported
 late). The vocabulary size is never written in a recipe: it flows from the tokenizer.
+
+``save_model`` / ``load_model`` write and read a ``checkpoint`` artifact with torch (the
+layout is ``recipe_engine.artifacts``'; other plugins read it through that module).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable
 
-from recipe_engine import Component, RecipeError, hookimpl
-
-
-@dataclass(kw_only=True)
-class ModelConfig(Component):
-    """Base for architectures: what the trainer, planner and exporter ask of a model."""
-
-    kind: ClassVar[str] = "model"
-
-    def build(self, vocab_size: int, max_seq_len: int) -> Any:
-        raise NotImplementedError
-
-    def num_params(self, vocab_size: int, embeddings: bool = True) -> int:
-        raise NotImplementedError
-
-    def flops_per_token(self, vocab_size: int, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward)."""
-        raise NotImplementedError
+from recipe_engine import ModelConfig, Problems, hookimpl
+from recipe_engine.artifacts import (WEIGHTS_FILE, checkpoint_weights_path, read_model_spec,
+                                     write_model_spec)
 
 
 @dataclass(kw_only=True)
-class Llama(ModelConfig):
+class Llama(ModelConfig,
+            name="llama",
+            version="1",
+            description="Llama-style decoder (RoPE, RMSNorm, SwiGLU, GQA)"):
     """Llama-style decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention, causal SDPA."""
-
-    name: ClassVar[str] = "llama"
-    version: ClassVar[str] = "1"
-    description: ClassVar[str] = "Llama-style decoder (RoPE, RMSNorm, SwiGLU, GQA)"
 
     dim: int
     n_layers: int
@@ -48,17 +34,15 @@ class Llama(ModelConfig):
     tie_embeddings: bool = True
     init_std: float = 0.02
 
-    def __post_init__(self) -> None:
+    def check(self, problems: Problems) -> None:
         kv = self.n_kv_heads or self.n_heads
-        problems = []
         if self.dim % self.n_heads:
-            problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+            problems.add("dim", f"{self.dim} is not divisible by n_heads={self.n_heads}")
         elif (self.dim // self.n_heads) % 2:
-            problems.append("dim / n_heads must be even for rotary embeddings")
+            problems.add("dim", f"dim / n_heads = {self.dim // self.n_heads} must be even for "
+                         "rotary embeddings")
         if self.n_heads % kv:
-            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
-        if problems:
-            raise RecipeError("; ".join(problems))
+            problems.add("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
 
     @property
     def kv_heads(self) -> int:
@@ -103,30 +87,29 @@ class Llama(ModelConfig):
 
 def save_model(module: Any, config: ModelConfig, vocab_size: int, max_seq_len: int,
                directory: Path) -> None:
-    """Write ``model.safetensors`` and ``model.json`` (architecture name + full params)."""
+    """Write a ``checkpoint`` artifact: ``model.safetensors`` and ``model.json`` (the layout
+    in ``recipe_engine.artifacts``)."""
     from safetensors.torch import save_model as save_weights
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_weights(module, str(directory / "model.safetensors"))
-    spec = {"name": config.name, "params": config.params(), "vocab_size": vocab_size,
-            "max_seq_len": max_seq_len}
-    (directory / "model.json").write_text(json.dumps(spec, indent=2))
+    save_weights(module, str(directory / WEIGHTS_FILE))
+    write_model_spec(directory, config.name, config.params(), vocab_size, max_seq_len)
 
 
-def load_model(directory: Path, registry: Any = None) -> Any:
-    """Rebuild the module a checkpoint artifact holds (eval mode, fp32, CPU)."""
+def load_model(directory: Path, build: Callable[[Any, Any], Any] | None = None) -> Any:
+    """Rebuild the module a checkpoint artifact holds (eval mode, fp32, CPU). ``build``: a
+    stage's ``ctx.build``; by default the installed plugins' registry."""
     from safetensors.torch import load_model as load_weights
 
-    directory = Path(directory)
-    spec = json.loads((directory / "model.json").read_text())
-    if registry is None:
+    spec = read_model_spec(directory)
+    if build is None:
         from recipe_engine.plugins import PluginManager
 
-        registry = PluginManager().registry
-    config = registry.build("model", {"name": spec["name"], **spec["params"]})
+        build = PluginManager().registry.build
+    config = build(ModelConfig, {"name": spec["name"], **spec["params"]})
     module = config.build(spec["vocab_size"], spec["max_seq_len"])
-    load_weights(module, str(directory / "model.safetensors"))
+    load_weights(module, str(checkpoint_weights_path(directory)))
     return module.eval()
 
 

@@ -1,7 +1,7 @@
 """Built-in tokenizer components: ``sentencepiece_bpe`` (train a tokenizer for code) and
 ``mds_shards`` (tokenize, pack and write mosaicml-streaming shards).
 
-The runtime tokenizer other stages load is ``recipe_engine_plugins.tokenizers.spm.Tokenizer``.
+Other stages load the tokenizer artifact with ``recipe_engine.artifacts.load_tokenizer``.
 Nothing heavy is imported here: sentencepiece, numpy and streaming load inside ``run``.
 """
 from recipe_engine import hookimpl

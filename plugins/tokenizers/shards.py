@@ -22,16 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from recipe_engine import Stage, StageContext, StageError
+from recipe_engine import Problems, Stage, StageContext, StageError
 from recipe_engine.artifacts import list_parts, part_name, read_documents, write_documents
+from recipe_engine.fsutil import atomic_write_json, atomic_writer
 
 VAL_DOCUMENTS_PER_PART = 10_000
 ENCODE_BATCH_BYTES = 8 << 20
@@ -49,9 +49,9 @@ _TOKENIZERS: dict[str, Any] = {}
 
 def _tokenizer(path: str) -> Any:
     if path not in _TOKENIZERS:
-        from .spm import Tokenizer
+        from recipe_engine.artifacts import load_tokenizer
 
-        _TOKENIZERS[path] = Tokenizer.load(path)
+        _TOKENIZERS[path] = load_tokenizer(path)
     return _TOKENIZERS[path]
 
 
@@ -120,16 +120,14 @@ def _tokenize_part(task: dict[str, Any]) -> dict[str, Any]:
 
     tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=task["dtype"])
     npz = work / f"{stem}.npz"
-    tmp = work / f"{stem}.tmp.npz"
-    np.savez(tmp, tokens=tokens, lengths=np.asarray(lengths, dtype=np.int64),
-             nbytes=np.asarray(nbytes, dtype=np.int64))
-    os.replace(tmp, npz)
+    with atomic_writer(npz, "wb") as f:
+        np.savez(f, tokens=tokens, lengths=np.asarray(lengths, dtype=np.int64),
+                 nbytes=np.asarray(nbytes, dtype=np.int64))
     summary = {"index": task["index"], "seen": seen, "skipped": skipped,
                "documents": len(nbytes), "tokens": int(tokens.size),
                "bytes": int(sum(nbytes)), "candidates": candidates,
                "npz": str(npz), "candidates_file": str(cand_file)}
-    summary_file.with_suffix(".tmp").write_text(json.dumps(summary))
-    os.replace(summary_file.with_suffix(".tmp"), summary_file)
+    atomic_write_json(summary_file, summary)
     return summary
 
 
@@ -156,17 +154,14 @@ class _Packer:
 
 
 @dataclass(kw_only=True)
-class MDSShards(Stage):
+class MDSShards(Stage,
+                name="mds_shards",
+                version="1",
+                description="tokenize documents, pack [bos]+doc+[eos] into seq_len sequences, write MDS shards "
+        "(train/, val/) and the held-out documents (val_documents/)",
+                inputs={"documents": "documents", "tokenizer": "tokenizer"},
+                output="shards"):
     """Tokenized, packed, document-split MDS shards for streaming training."""
-
-    kind: ClassVar[str] = "shards"
-    name: ClassVar[str] = "mds_shards"
-    version: ClassVar[str] = "1"
-    description: ClassVar[str] = (
-        "tokenize documents, pack [bos]+doc+[eos] into seq_len sequences, write MDS shards "
-        "(train/, val/) and the held-out documents (val_documents/)")
-    inputs: ClassVar[dict[str, str]] = {"documents": "documents", "tokenizer": "tokenizer"}
-    output: ClassVar[str] = "shards"
 
     seq_len: int = 512
     val_fraction: float = 0.05
@@ -174,22 +169,19 @@ class MDSShards(Stage):
     max_val_documents: int = 2000
     size_limit: str | int = "64mb"
 
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_val_documents < 0:
-            raise ValueError("max_val_documents must be >= 0")
+    def check(self, problems: Problems) -> None:
+        problems.require(self.seq_len >= 2, "seq_len", f"must be at least 2, got {self.seq_len}")
+        problems.require(0 <= self.val_fraction < 1, "val_fraction",
+                         f"must be in [0, 1), got {self.val_fraction}")
+        problems.require(self.max_val_documents >= 0, "max_val_documents", "must be >= 0")
         if isinstance(self.size_limit, int):
-            if not 0 < self.size_limit < 2**32:
-                raise ValueError("size_limit must be between 1 byte and 4 GB (MDS offsets are "
-                                 "uint32)")
+            problems.require(0 < self.size_limit < 2**32, "size_limit",
+                             "must be between 1 byte and 4 GB (MDS offsets are uint32)")
         elif not _SIZE.match(str(self.size_limit)):
-            raise ValueError(f"size_limit {self.size_limit!r} is not a size like '64mb' or "
+            problems.add("size_limit", f"{self.size_limit!r} is not a size like '64mb' or "
                              "67108864")
 
-    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]], build: Any) -> dict[str, Any]:
+    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
         meta = {"seq_len": self.seq_len}
         if "vocab_size" in inputs_meta.get("tokenizer", {}):
             meta["vocab_size"] = inputs_meta["tokenizer"]["vocab_size"]

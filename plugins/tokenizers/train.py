@@ -17,9 +17,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from recipe_engine import Stage, StageContext, StageError
+from recipe_engine import Problems, Stage, StageContext, StageError
 from recipe_engine.artifacts import list_parts, read_documents
 
 SENTENCE_BYTES = 1 << 16  # documents longer than this are cut at line ends for the trainer
@@ -101,17 +101,14 @@ def _printable_piece(piece: str) -> str:
 
 
 @dataclass(kw_only=True)
-class SentencePieceBPE(Stage):
+class SentencePieceBPE(Stage,
+                       name="sentencepiece_bpe",
+                       version="1",
+                       description="SentencePiece BPE/unigram for code: whitespace and newlines kept, byte fallback, "
+        "decode(encode(t)) == t",
+                       inputs={"documents": "documents"},
+                       output="tokenizer"):
     """Byte-fallback SentencePiece (BPE or unigram) that round-trips code exactly."""
-
-    kind: ClassVar[str] = "tokenizer"
-    name: ClassVar[str] = "sentencepiece_bpe"
-    version: ClassVar[str] = "1"
-    description: ClassVar[str] = (
-        "SentencePiece BPE/unigram for code: whitespace and newlines kept, byte fallback, "
-        "decode(encode(t)) == t")
-    inputs: ClassVar[dict[str, str]] = {"documents": "documents"}
-    output: ClassVar[str] = "tokenizer"
 
     vocab_size: int = 8192
     model_type: Literal["bpe", "unigram"] = "bpe"
@@ -122,25 +119,25 @@ class SentencePieceBPE(Stage):
     num_threads: int = 0  # 0: os.cpu_count()
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def check(self, problems: Problems) -> None:
         minimum = len(SPECIAL_IDS) + (256 if self.byte_fallback else 0) + 1
-        if self.vocab_size < minimum:
-            raise ValueError(f"vocab_size={self.vocab_size} is too small: the special and "
-                             f"byte-fallback pieces alone take {minimum - 1}")
-        if not 0 < self.character_coverage <= 1:
-            raise ValueError(f"character_coverage must be in (0, 1], got {self.character_coverage}")
-        if self.max_training_bytes <= 0:
-            raise ValueError("max_training_bytes must be positive")
-        if not 1 <= self.max_piece_length <= 512:
-            raise ValueError("max_piece_length must be between 1 and 512")
-        if self.num_threads < 0:
-            raise ValueError("num_threads must be >= 0 (0: one per CPU core)")
+        problems.require(self.vocab_size >= minimum, "vocab_size",
+                         f"{self.vocab_size} is too small: the special and byte-fallback pieces "
+                         f"alone take {minimum - 1}")
+        problems.require(0 < self.character_coverage <= 1, "character_coverage",
+                         f"must be in (0, 1], got {self.character_coverage}")
+        problems.require(self.max_training_bytes > 0, "max_training_bytes", "must be positive")
+        problems.require(1 <= self.max_piece_length <= 512, "max_piece_length",
+                         "must be between 1 and 512")
+        problems.require(self.num_threads >= 0, "num_threads",
+                         "must be >= 0 (0: one per CPU core)")
 
-    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]], build: Any) -> dict[str, Any]:
+    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {"meta": {"vocab_size": self.vocab_size}}
 
     def run(self, ctx: StageContext) -> None:
-        from .spm import INFO_FILE, MODEL_FILE, VOCAB_FILE, Tokenizer, escape
+        from recipe_engine.tokenizer import (INFO_FILE, MODEL_FILE, VOCAB_FILE,
+                                             SentencePieceTokenizer, escape)
 
         start = time.perf_counter()
         parts = list_parts(ctx.inputs["documents"].path)
@@ -236,7 +233,7 @@ class SentencePieceBPE(Stage):
 
         out = Path(ctx.output)
         (out / MODEL_FILE).write_bytes(model.getvalue())
-        tok = Tokenizer.from_bytes(model.getvalue(), {"escape": True})
+        tok = SentencePieceTokenizer.from_bytes(model.getvalue(), {"escape": True})
         with open(out / VOCAB_FILE, "w", encoding="utf-8") as f:
             for i in range(tok.vocab_size):
                 f.write(f"{_printable_piece(tok.sp.id_to_piece(i))}\t{tok.sp.get_score(i)}\n")
@@ -261,7 +258,7 @@ class SentencePieceBPE(Stage):
             "escape": True,
             "escape_rule": "before encoding, U+E000 -> U+E000 U+E000 and U+2581 -> U+E000 '_' "
                            "(SentencePiece decodes every U+2581 as a space); undone on decode",
-            "runtime": "recipe_engine_plugins.tokenizers.spm.Tokenizer",
+            "runtime": "recipe_engine.artifacts.load_tokenizer",
         }
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 

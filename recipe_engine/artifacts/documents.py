@@ -1,39 +1,33 @@
-"""On-disk formats shared between plugins. Stdlib + zstandard only.
+"""The ``documents`` kind: ``part-NNNNN.jsonl.zst`` files of JSON records. Stdlib + zstandard.
 
-``documents``: a directory of ``part-NNNNN.jsonl.zst`` files, one JSON object per line with at
-least ``id`` (unique, str), ``text`` (str), ``source`` (str) and ``path`` (str or null); other
-keys are carried along. Parts are independent units of parallel work and of resume.
+Every line of a part is one JSON object with at least ``id`` (unique, str), ``text`` (str),
+``source`` (str) and ``path`` (str or null); other keys are carried along. Parts are
+independent units of parallel work and of resume; their order is the artifact's order.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import zstandard
 
-ARTIFACT_KINDS: dict[str, str] = {
-    "documents": "text documents as JSONL.zst parts (id, text, source, path)",
-    "tokenizer": "a trained tokenizer model and its vocabulary size",
-    "shards": "tokenized, packed sequences as mosaicml-streaming MDS shards (train/ and val/)",
-    "checkpoint": "trained model weights with the model config that built them",
-    "eval_report": "evaluation metrics, per task",
-    "export": "a self-contained model directory a user can load",
-}
+from ..fsutil import atomic_writer
 
 PART_GLOB = "part-*.jsonl.zst"
 
 
 def part_name(index: int) -> str:
+    """The file name of part ``index`` (``part-00003.jsonl.zst``)."""
     return f"part-{index:05d}.jsonl.zst"
 
 
-def list_parts(directory: Path) -> list[Path]:
+def list_parts(directory: str | Path) -> list[Path]:
+    """The part files of a documents artifact, in order."""
     return sorted(Path(directory).glob(PART_GLOB))
 
 
-def read_documents(path: Path) -> Iterator[dict[str, Any]]:
+def read_documents(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield the records of one part file."""
     dobj = zstandard.ZstdDecompressor().decompressobj()
     pending = b""
@@ -50,18 +44,16 @@ def read_documents(path: Path) -> Iterator[dict[str, Any]]:
         yield json.loads(pending)
 
 
-def iter_documents(directory: Path) -> Iterator[dict[str, Any]]:
+def iter_documents(directory: str | Path) -> Iterator[dict[str, Any]]:
     """Yield every record of a documents artifact, part by part, in order."""
     for part in list_parts(directory):
         yield from read_documents(part)
 
 
-def write_documents(path: Path, docs: Iterable[dict[str, Any]], level: int = 3) -> int:
-    """Write records to ``path`` atomically (temp file + rename). Returns how many."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+def write_documents(path: str | Path, docs: Iterable[dict[str, Any]], level: int = 3) -> int:
+    """Write records to the part file ``path`` atomically. Returns how many."""
     n = 0
-    with open(tmp, "wb") as raw:
+    with atomic_writer(path, "wb") as raw:
         with zstandard.ZstdCompressor(level=level).stream_writer(raw, closefd=False) as writer:
             for doc in docs:
                 try:
@@ -70,7 +62,4 @@ def write_documents(path: Path, docs: Iterable[dict[str, Any]], level: int = 3) 
                     line = (json.dumps(doc) + "\n").encode("ascii")
                 writer.write(line)
                 n += 1
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
     return n
