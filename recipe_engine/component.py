@@ -1,14 +1,36 @@
 """What a component is: the contract between the core and every plugin.
 
-A component is a class with a kind, a registered name and a version. Its parameters are
+A component is a dataclass with a kind, a registered name and a version. Its parameters are
 its dataclass fields, so the core can check a recipe against them without constructing
-anything. Two families:
+anything. Metadata is declared with class keywords, never as fields, so a typo cannot turn
+it into a recipe parameter::
 
-* ``Stage`` components are what a recipe's ``stages:`` name. They declare typed input
-  slots and one output artifact kind, and implement ``run(ctx)``.
+    @dataclass(kw_only=True)
+    class NoTodo(DocumentFilter, name="no_todo", version="2"):
+        '''Drop documents with too many TODO markers.'''   # the description, unless given
+        max_todos: int = 5
+
+Keywords: ``kind`` (on a base class: the family its subclasses belong to), ``name`` (the
+registered name; a class without one is abstract and cannot be registered), ``version``
+(default ``"1"``; bump it when the output for the same parameters changes), ``description``
+(default: the docstring's first line) and, on stages, ``inputs`` (slot -> artifact kind)
+and ``output`` (artifact kind). ``check_declaration`` states the rules; the registry applies
+it to every class a plugin registers.
+
+Two families:
+
+* ``Stage`` components are what a recipe's ``stages:`` name. They declare typed input slots
+  and one output artifact kind, and implement ``run(ctx)``.
 * Everything else (document filters, model architectures, optimizers, executors, ...) is a
-  sub-component: a stage names them inside its parameters, as ``{name: ..., **params}``,
-  and builds them with ``ctx.build``. A stage lists such parameters in ``subcomponents``.
+  sub-component. A parameter annotated with a component base class (``model: ModelConfig``,
+  ``filters: list[DocumentFilter]``, ``scheduler: Scheduler | None``) holds sub-components: a
+  recipe writes ``{name: ..., **params}`` (or a bare name) there, validation checks it
+  against the components registered under that base's kind, and the stage receives built
+  instances of that type.
+
+Parameter problems: override ``check(problems)`` and call ``problems.add(key, message)`` for
+every problem; the core reports each under the recipe key of that parameter, all at once.
+Checks must be cheap and side-effect free: validation constructs components to run them.
 
 Modules defining components must import no ML framework at module level: ``recipe
 plugins`` and ``recipe validate`` import them. Import heavy libraries inside ``run``.
@@ -16,15 +38,39 @@ plugins`` and ``recipe validate`` import them. Import heavy libraries inside ``r
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
+import types
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator, TypeVar, Union
 
-from .errors import StageError
+from .errors import Problem, RecipeError, StageError
 
 REQUIRED = object()  # marker for a parameter without default
+# class keywords that declare metadata; none may be a field or a plain class attribute
+METADATA = ("kind", "name", "version", "description", "inputs", "output")
+
+C = TypeVar("C", bound="Component")
+
+
+class Problems:
+    """Collects parameter problems in ``Component.check``; keys are parameter names."""
+
+    def __init__(self) -> None:
+        self.items: list[Problem] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append(Problem(key=key, message=message))
+
+    def require(self, ok: bool, key: str, message: str) -> None:
+        """Add ``message`` under ``key`` unless ``ok``."""
+        if not ok:
+            self.add(key, message)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
 
 
 @dataclass(kw_only=True)
@@ -35,8 +81,32 @@ class Component:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ""
-    # parameter name -> kind of the sub-component(s) it holds ({name: ..., ...} or a list of them)
-    subcomponents: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, *, kind: str | None = None, name: str | None = None,
+                          version: str | int | None = None, description: str | None = None,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        clash = [k for k in METADATA if k in own.get("__annotations__", {}) or k in own]
+        if clash and cls.__module__ != __name__:  # the core's own bases declare defaults
+            raise TypeError(
+                f"{cls.__qualname__}: {', '.join(clash)} must be declared as class keywords "
+                f"(class {cls.__name__}(Base, {clash[0]}=...)), not as attributes or fields")
+        if kind is not None:
+            cls.kind = kind
+        cls.name = name or ""  # never inherited: a subclass without a name is abstract
+        cls.version = str(version) if version is not None else "1"
+        doc = (cls.__doc__ or "").strip().splitlines()
+        cls.description = description if description is not None else (doc[0] if doc else "")
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        self.check(problems)
+        if problems:
+            raise RecipeError(problems.items)
+
+    def check(self, problems: Problems) -> None:
+        """Report parameter problems with ``problems.add(param, message)``."""
 
     @classmethod
     def params_spec(cls) -> dict[str, tuple[Any, Any]]:
@@ -48,15 +118,93 @@ class Component:
                 continue
             if f.default is not dataclasses.MISSING:
                 default = f.default
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
             else:
                 default = REQUIRED
             spec[f.name] = (hints.get(f.name, Any), default)
         return spec
 
+    @classmethod
+    def subcomponent_params(cls) -> dict[str, tuple[type[Component], bool]]:
+        """Parameters holding sub-components: name -> (base class, is a list), derived from
+        the annotations (``ModelConfig``, ``list[DocumentFilter]``, ``X | None``)."""
+        out = {}
+        for pname, (annotation, _) in cls.params_spec().items():
+            found = _component_base(annotation)
+            if found:
+                out[pname] = found
+        return out
+
     def params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.params_spec()}
+        """The parameters as a recipe would write them (sub-components as ``{name, ...}``)."""
+        return {name: _as_spec(getattr(self, name)) for name in self.params_spec()}
+
+
+def _as_spec(value: Any) -> Any:
+    if isinstance(value, Component):
+        return {"name": value.name, **value.params()}
+    if isinstance(value, (list, tuple)):
+        return [_as_spec(v) for v in value]
+    return value
+
+
+def _component_base(annotation: Any) -> tuple[type[Component], bool] | None:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union or origin is types.UnionType:
+        rest = [a for a in args if a is not type(None)]
+        return _component_base(rest[0]) if len(rest) == 1 else None
+    if origin in (list, tuple) and args and _is_component(args[0]):
+        return args[0], True
+    if _is_component(annotation):
+        return annotation, False
+    return None
+
+
+def _is_component(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, Component)
+
+
+def check_declaration(cls: type) -> list[str]:
+    """What is wrong with a class a plugin registers (empty when it can be registered)."""
+    if not (isinstance(cls, type) and issubclass(cls, Component)):
+        return [f"{cls!r} is not a recipe_engine Component"]
+    problems = []
+    if not cls.kind:
+        problems.append("has no kind: subclass a base such as Stage, DocumentFilter, "
+                        "ModelConfig or Executor, or declare kind=... on its base")
+    if not cls.name:
+        problems.append("has no name: declare it with a class keyword "
+                        f"(class {cls.__name__}(..., name='my_{cls.kind or 'thing'}'))")
+    elif not cls.name.replace("_", "a").replace("-", "a").isalnum():
+        problems.append(f"name {cls.name!r}: use letters, digits, '_' and '-'")
+    if "__dataclass_fields__" not in cls.__dict__:
+        problems.append("is not a dataclass: decorate it with @dataclass(kw_only=True) so its "
+                        "fields are its parameters")
+    if issubclass(cls, Stage) and not cls.output:
+        problems.append("is a stage without an output artifact kind (output=...)")
+    try:
+        cls.subcomponent_params()
+    except Exception as e:  # an annotation that cannot be resolved
+        problems.append(f"has parameter annotations that cannot be resolved: {e}")
+    return problems
+
+
+def instantiate(cls: type[C], params: dict[str, Any],
+                build: Callable[[type[Component], Any], Component]) -> C:
+    """Construct ``cls`` from recipe-form parameters, building sub-components (given as
+    ``{name, ...}`` specs) with ``build(base, spec)``."""
+    subs = cls.subcomponent_params()
+    kwargs = {}
+    for key, value in params.items():
+        if key in subs and value is not None:
+            base, many = subs[key]
+            if many:
+                value = [v if isinstance(v, base) else build(base, v) for v in value]
+            elif not isinstance(value, base):
+                value = build(base, value)
+        kwargs[key] = value
+    return cls(**kwargs)
 
 
 @dataclass
@@ -73,10 +221,9 @@ class Artifact:
         return self.manifest.get("meta", {})
 
 
-class Executor(Component):
+@dataclass(kw_only=True)
+class Executor(Component, kind="executor"):
     """Runs a picklable function over items, in parallel where it can (kind ``executor``)."""
-
-    kind: ClassVar[str] = "executor"
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         """Yield ``fn(item)`` for every item, in the order of ``items``."""
@@ -86,40 +233,52 @@ class Executor(Component):
 ProgressFn = Callable[[str, float, "float | None", str], None]
 
 
-@dataclass
 class StageContext:
-    """Everything a running stage may touch. The runner owns commit and bookkeeping."""
+    """What a running stage may use. The runner owns commit and bookkeeping.
 
-    stage: str
-    fingerprint: str
-    inputs: dict[str, Artifact]
-    output: Path  # write the artifact here; renamed into the store when run() returns
-    work: Path  # scratch that survives a crash of this stage (resume state); removed on commit
-    executor: Executor
-    build_fn: Callable[[str, Any], Component]
-    progress_fn: ProgressFn | None = None
-    log_fn: Callable[[str], None] | None = None
-    max_skip_fraction: float = 0.05
-    metrics: dict[str, Any] = field(default_factory=dict)  # numbers for the summary + manifest
-    counts: dict[str, int] = field(default_factory=dict)  # records in/out, per-reason drops/skips
-    meta: dict[str, Any] = field(default_factory=dict)  # facts for downstream stages
+    * ``inputs``: slot -> committed upstream ``Artifact``; read them through
+      ``recipe_engine.artifacts``.
+    * ``output``: write the artifact here; it is committed when ``run`` returns.
+    * ``work``: scratch that survives a crash of this stage (resume state); removed on commit.
+    * ``executor``: runs per-part work in parallel (data stages).
+    * ``metrics``: numbers for people (summary, progress line, run report).
+    * ``meta``: facts for downstream stages (``vocab_size``, ``seq_len``); documented per
+      artifact kind in docs/artifacts.md.
+    * ``counts``: records in / out and skips per reason (a ``Counter``).
+    """
 
-    def build(self, kind: str, spec: Any) -> Component:
-        """Construct a sub-component named in this stage's params: ``{name: x, **params}``."""
-        return self.build_fn(kind, spec)
+    def __init__(self, *, stage: str, fingerprint: str, inputs: dict[str, Artifact],
+                 output: Path, work: Path, executor: Executor,
+                 build: Callable[[Any, Any], Component],
+                 progress: ProgressFn | None = None, max_skip_fraction: float = 0.05):
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self.inputs = inputs
+        self.output = Path(output)
+        self.work = Path(work)
+        self.executor = executor
+        self.max_skip_fraction = max_skip_fraction
+        self.metrics: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {}
+        self.counts: Counter[str] = Counter()
+        self.logger = logging.getLogger(f"recipe_engine.stage.{stage}")
+        self._build = build
+        self._progress = progress
+
+    def build(self, base: type[C], spec: Any) -> C:
+        """Construct a component of ``base``'s kind from ``{name: x, **params}`` (or a bare
+        name), checked to be a ``base``."""
+        return self._build(base, spec)  # type: ignore[return-value]
 
     def progress(self, done: float, total: float | None = None, unit: str = "") -> None:
-        if self.progress_fn:
-            self.progress_fn(self.stage, done, total, unit)
+        if self._progress:
+            self._progress(self.stage, done, total, unit)
 
     def log(self, message: str) -> None:
-        if self.log_fn:
-            self.log_fn(f"[{self.stage}] {message}")
-        else:
-            print(f"[{self.stage}] {message}", file=sys.stderr)
+        self.logger.info(message)
 
     def count(self, key: str, n: int = 1) -> None:
-        self.counts[key] = self.counts.get(key, 0) + n
+        self.counts[key] += n
 
     def skip(self, reason: str, n: int = 1) -> None:
         """Count a malformed record that was skipped (``skipped.<reason>`` in the manifest)."""
@@ -127,9 +286,9 @@ class StageContext:
 
     def check_skips(self, seen: int) -> None:
         """Fail the stage when more than ``max_skip_fraction`` of ``seen`` records were skipped."""
-        skipped = sum(v for k, v in self.counts.items() if k.startswith("skipped."))
+        reasons = {k: v for k, v in self.counts.items() if k.startswith("skipped.")}
+        skipped = sum(reasons.values())
         if seen and skipped / seen > self.max_skip_fraction:
-            reasons = {k: v for k, v in self.counts.items() if k.startswith("skipped.")}
             raise StageError(
                 f"{skipped} of {seen} records were malformed ({reasons}), more than "
                 f"max_skip_fraction={self.max_skip_fraction}; fix the input or raise the threshold"
@@ -137,11 +296,19 @@ class StageContext:
 
 
 @dataclass(kw_only=True)
-class Stage(Component):
+class Stage(Component, kind="stage"):
     """A component a recipe stage names. Declares its input slots and output kind."""
 
     inputs: ClassVar[dict[str, str]] = {}  # slot -> artifact kind
     output: ClassVar[str] = ""
+
+    def __init_subclass__(cls, *, inputs: dict[str, str] | None = None,
+                          output: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if inputs is not None:
+            cls.inputs = dict(inputs)
+        if output is not None:
+            cls.output = output
 
     def run(self, ctx: StageContext) -> None:
         raise NotImplementedError
@@ -151,10 +318,8 @@ class Stage(Component):
         listing, say). Must be cheap: ``recipe plan`` calls it."""
         return None
 
-    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]],
-                      build: Callable[[str, Any], Component]) -> dict[str, Any]:
+    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Estimates for ``recipe plan`` (tokens, FLOPs, memory), from the inputs' ``meta``
         (the real one when the input is cached, else that input's own estimate). Return
-        ``{"meta": {...}}`` to pass estimates downstream; other keys are shown to the user.
-        ``build`` constructs a sub-component named in this stage's params."""
+        ``{"meta": {...}}`` to pass estimates downstream; other keys are shown to the user."""
         return {}

@@ -7,7 +7,14 @@ from typing import Iterable
 
 
 class RecipeWarning(UserWarning):
-    """An option was ignored or a default was surprising; tests turn these into errors."""
+    """An option was clamped, replaced or ignored; tests turn these into errors."""
+
+
+def warn(message: str, stacklevel: int = 2) -> None:
+    """Tell the user an option was clamped, replaced or ignored (a ``RecipeWarning``)."""
+    import warnings
+
+    warnings.warn(message, RecipeWarning, stacklevel=stacklevel + 1)
 
 
 @dataclass(frozen=True)

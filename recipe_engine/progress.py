@@ -1,15 +1,18 @@
-"""Live progress on stderr: one redrawn status line on a terminal, periodic lines otherwise."""
+"""Live progress on stderr: a tqdm bar per running stage on a terminal, periodic plain lines
+otherwise (CI logs, files); and the ``logging`` handler that prints log records without
+breaking the bar.
+
+Stages report progress through ``StageContext.progress`` and log through
+``StageContext.log`` (the ``recipe_engine.stage.<name>`` logger); the CLI installs
+``Progress.handler()`` on the ``recipe_engine`` logger.
+"""
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
-from typing import TextIO
-
-
-def _fmt_seconds(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+from typing import Any, TextIO
 
 
 def _fmt_num(x: float) -> str:
@@ -23,57 +26,101 @@ class Progress:
     def __init__(self, total_stages: int, stream: TextIO | None = None,
                  interval: float = 10.0, enabled: bool = True):
         self.stream = stream or sys.stderr
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.total = total_stages
         self.index = 0
         self.interval = interval
-        self._stage = ""
+        self._bar: Any = None
         self._started = 0.0
         self._last_print = 0.0
         self._lock = threading.Lock()
 
-    def _write(self, text: str, final: bool = False) -> None:
+    # -- output ------------------------------------------------------------------------
+
+    def _line(self, text: str) -> None:
         if not self.enabled:
             return
         with self._lock:
-            if self.tty:
-                self.stream.write("\r\033[2K" + text + ("\n" if final else ""))
+            if self._bar is not None:
+                from tqdm import tqdm
+
+                tqdm.write(text, file=self.stream)
             else:
                 self.stream.write(text + "\n")
-            self.stream.flush()
+                self.stream.flush()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # -- events from the runner ----------------------------------------------------------
 
     def stage_started(self, stage: str, component: str) -> None:
         self.index += 1
-        self._stage, self._started = stage, time.monotonic()
+        self._started = time.monotonic()
         self._last_print = 0.0
-        self._write(f"[{self.index}/{self.total}] {stage} ({component}) running", final=not self.tty)
+        label = f"[{self.index}/{self.total}] {stage}"
+        if self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc=label, file=self.stream, leave=False, dynamic_ncols=True,
+                             unit_scale=True, mininterval=0.5)
+        else:
+            self._line(f"{label} ({component}) running")
 
     def update(self, stage: str, done: float, total: float | None, unit: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            with self._lock:
+                if total and self._bar.total != total:
+                    self._bar.total = total
+                self._bar.unit = unit or "it"
+                self._bar.update(done - self._bar.n)
+            return
         now = time.monotonic()
-        if not self.tty and now - self._last_print < self.interval:
+        if now - self._last_print < self.interval:
             return
         self._last_print = now
         elapsed = now - self._started
-        if total:
-            frac = min(max(done / total, 0.0), 1.0)
-            bar = "#" * int(frac * 24) + "-" * (24 - int(frac * 24))
-            eta = elapsed / frac - elapsed if frac > 0 else 0.0
-            text = (f"[{self.index}/{self.total}] {stage} [{bar}] {_fmt_num(done)}/{_fmt_num(total)}"
-                    f" {unit} {_fmt_seconds(elapsed)} (eta {_fmt_seconds(eta)})")
-        else:
-            text = f"[{self.index}/{self.total}] {stage} {_fmt_num(done)} {unit} {_fmt_seconds(elapsed)}"
-        self._write(text)
+        of = f"/{_fmt_num(total)}" if total else ""
+        self._line(f"[{self.index}/{self.total}] {stage} {_fmt_num(done)}{of} {unit} "
+                   f"{elapsed:.0f}s")
 
     def stage_finished(self, stage: str, status: str, seconds: float, summary: str = "") -> None:
+        self._close_bar()
         if status == "cached":
             self.index += 1
         tail = f"  {summary}" if summary else ""
-        self._write(f"[{self.index}/{self.total}] {stage} {status} {seconds:.1f}s{tail}", final=True)
+        self._line(f"[{self.index}/{self.total}] {stage} {status} {seconds:.1f}s{tail}")
 
     def stage_failed(self, stage: str, error: BaseException) -> None:
-        self._write(f"[{self.index}/{self.total}] {stage} FAILED: {type(error).__name__}: {error}",
-                    final=True)
+        self._close_bar()
+        self._line(f"[{self.index}/{self.total}] {stage} FAILED: {type(error).__name__}: {error}")
 
     def log(self, message: str) -> None:
-        self._write(message, final=True)
+        self._line(message)
+
+    def handler(self, level: int = logging.INFO) -> logging.Handler:
+        """A logging handler printing ``[stage] message`` lines through this display."""
+        return _ProgressHandler(self, level)
+
+
+class _ProgressHandler(logging.Handler):
+    def __init__(self, progress: Progress, level: int):
+        super().__init__(level)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            name = record.name
+            stage_prefix = "recipe_engine.stage."
+            where = name[len(stage_prefix):] if name.startswith(stage_prefix) else ""
+            prefix = f"[{where}] " if where else ""
+            if record.levelno >= logging.WARNING:
+                prefix += f"{record.levelname.lower()}: "
+            self.progress.log(prefix + record.getMessage())
+        except Exception:
+            self.handleError(record)

@@ -6,15 +6,16 @@ import socket
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
-from .component import Artifact, StageContext
+from .component import Artifact, Executor, StageContext
 from .errors import RecipeError, StageError
 from .plugins import PluginManager
 from .progress import Progress
-from .store import Store, fingerprint
+from .store import Store, content_digest, fingerprint
 from .validate import Recipe, StageSpec
 
 
@@ -36,7 +37,7 @@ class PlannedStage:
 def compute_fingerprints(recipe: Recipe, pm: PluginManager) -> dict[str, str]:
     fps: dict[str, str] = {}
     for name, spec in recipe.stages.items():
-        stage = spec.instantiate()
+        stage = spec.instantiate(pm.registry)
         fps[name] = fingerprint({
             "component": spec.component.name,
             "versions": spec.versions,
@@ -62,8 +63,7 @@ def plan(recipe: Recipe, pm: PluginManager, store: Store) -> list[PlannedStage]:
             status = "stale" if name in index else "new"
         inputs_meta = {slot: metas.get(up, {}) for slot, up in spec.inputs.items()}
         try:
-            estimates = spec.instantiate().describe_plan(
-                inputs_meta, pm.registry.build) or {}
+            estimates = spec.instantiate(pm.registry).describe_plan(inputs_meta) or {}
         except Exception as e:  # an estimate must never break planning
             estimates = {"error": f"{type(e).__name__}: {e}"}
         metas.setdefault(name, estimates.get("meta", {}))
@@ -91,10 +91,17 @@ def run(
     force: set[str] | None = None,
     until: str | None = None,
     progress: Progress | None = None,
+    fresh: set[str] | None = None,
+    invocation: str | None = None,
 ) -> dict[str, Any]:
-    """Run the recipe; returns the summary. Raises StageFailed (summary so far attached)."""
-    force = set(force or ())
-    unknown = [s for s in force | ({until} if until else set()) if s != "*" and s not in recipe.stages]
+    """Run the recipe; returns the summary. Raises StageFailed (summary so far attached).
+
+    ``force``: stages recomputed (with their descendants), from empty scratch. ``fresh``:
+    stages that, if they run, start from empty scratch instead of resuming. ``invocation``:
+    an id shared by the jobs of one command (a multirun), recorded in the summary."""
+    force, fresh = set(force or ()), set(fresh or ())
+    unknown = [s for s in force | fresh | ({until} if until else set())
+               if s != "*" and s not in recipe.stages]
     if unknown:
         raise RecipeError("; ".join(f"no stage named {s!r} (stages: {', '.join(recipe.stages)})"
                                     for s in unknown))
@@ -103,17 +110,21 @@ def run(
         wanted = recipe.upstream(until)
         selected = [s for s in selected if s in wanted]
     forced = recipe.downstream(set(recipe.stages) if "*" in force else force)
+    fresh = forced | (set(recipe.stages) if "*" in fresh else fresh)
     fps = compute_fingerprints(recipe, pm)
+    invocation = invocation or uuid.uuid4().hex[:16]
+    live = store.begin_run(recipe.name, fps.values(), invocation)  # before any lookup: gc
     progress = progress or Progress(len(selected))
     progress.total = len(selected)
     hook = pm.hook
     hook.recipe_run_started(recipe_name=recipe.name, stages=selected, store=str(store.root))
-    summary: dict[str, Any] = {"recipe": recipe.name, "store": str(store.root), "stages": []}
+    summary: dict[str, Any] = {"recipe": recipe.name, "store": str(store.root),
+                               "invocation": invocation, "stages": []}
     artifacts: dict[str, Artifact] = {}
     for name in selected:
         spec, fp = recipe.stages[name], fps[name]
         t0 = time.monotonic()
-        found = None if name in forced else store.lookup(fp)
+        found = None if name in forced else store.find(fp)
         if found is not None:
             artifacts[name] = found
             entry = _summary_entry(name, spec, fp, "cached", time.monotonic() - t0, found)
@@ -128,7 +139,8 @@ def run(
             if found is None:
                 status = "ran"
                 try:
-                    found = _run_stage(recipe, pm, store, spec, fp, fps, artifacts, progress)
+                    found = _run_stage(recipe, pm, store, spec, fp, fps, artifacts, progress,
+                                       fresh=name in fresh)
                 except BaseException as e:
                     progress.stage_failed(name, e)
                     hook.recipe_stage_failed(stage=name, error=e)
@@ -136,7 +148,7 @@ def run(
                                               "fingerprint": fp, "status": "failed",
                                               "seconds": round(time.monotonic() - t0, 3),
                                               "error": f"{type(e).__name__}: {e}"})
-                    store.save_run(summary)
+                    store.save_run(summary, live)
                     if isinstance(e, KeyboardInterrupt):
                         raise
                     raise StageFailed(name, e, summary) from e
@@ -146,7 +158,7 @@ def run(
         summary["stages"].append(entry)
         progress.stage_finished(name, status, entry["seconds"], _headline(entry["metrics"]))
         hook.recipe_stage_finished(stage=name, result=entry)
-    store.save_run(summary)
+    store.save_run(summary, live)
     hook.recipe_run_finished(summary=summary)
     return summary
 
@@ -157,22 +169,25 @@ def _headline(metrics: dict[str, Any], n: int = 3) -> str:
 
 
 def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec, fp: str,
-               fps: dict[str, str], artifacts: dict[str, Artifact], progress: Progress) -> Artifact:
+               fps: dict[str, str], artifacts: dict[str, Artifact], progress: Progress,
+               fresh: bool = False) -> Artifact:
     registry = pm.registry
-    stage = spec.instantiate()
-    executor = registry.build("executor", spec.executor)
+    stage = spec.instantiate(registry)
+    executor = registry.build(Executor, spec.executor)
+    # scratch is stamped with its inputs' contents: made from other bytes, it is not resumed
+    stamp = {"inputs": {slot: {"fingerprint": fps[up], "content": content_digest(artifacts[up].manifest)}
+                        for slot, up in sorted(spec.inputs.items())}}
+    out, scratch = store.begin(fp, stamp=stamp, fresh=fresh, name=spec.name)
     resumed = store.scratch_exists(fp)
-    out, scratch = store.begin(fp)
     ctx = StageContext(
         stage=spec.name,
         fingerprint=fp,
         inputs={slot: artifacts[up] for slot, up in spec.inputs.items()},
         output=out,
         work=scratch,
-        executor=executor,  # type: ignore[arg-type]
-        build_fn=registry.build,
-        progress_fn=progress.update,
-        log_fn=progress.log,
+        executor=executor,
+        build=registry.build,
+        progress=progress.update,
         max_skip_fraction=recipe.max_skip_fraction,
     )
     progress.stage_started(spec.name, spec.component.name)
@@ -200,7 +215,7 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
         "extra": stage.fingerprint_extra(),
         "meta": ctx.meta,
         "metrics": ctx.metrics,
-        "counts": ctx.counts,
+        "counts": dict(sorted(ctx.counts.items())),
         "resumed": resumed,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(seconds, 3),

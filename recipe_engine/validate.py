@@ -8,14 +8,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from .component import REQUIRED, Component, Stage
+from .component import REQUIRED, Component, Executor, Stage, instantiate
 from .config import LoadedRecipe
 from .errors import Problem, RecipeError, did_you_mean
 from .graph import topological_order
 from .plugins import Registry
+from .safety import check_names
 
 STAGE_KEYS = ("component", "inputs", "params", "executor", "description")
-DEFAULT_EXECUTOR = {"name": "local"}
 
 
 @dataclass
@@ -27,8 +27,9 @@ class StageSpec:
     executor: dict[str, Any]
     versions: dict[str, str] = field(default_factory=dict)  # "kind/name" -> version used
 
-    def instantiate(self) -> Stage:
-        return self.component(**self.params)
+    def instantiate(self, registry: Registry) -> Stage:
+        """The stage component, its sub-components built."""
+        return instantiate(self.component, self.params, registry.build)
 
 
 @dataclass
@@ -57,9 +58,10 @@ class Recipe:
 
 
 class _Checker:
-    def __init__(self, loaded: LoadedRecipe, registry: Registry):
+    def __init__(self, loaded: LoadedRecipe, registry: Registry, default_executor: Any = None):
         self.loaded = loaded
         self.registry = registry
+        self.default_executor = default_executor
         self.problems: list[Problem] = []
 
     def problem(self, key: str, message: str) -> None:
@@ -75,6 +77,7 @@ class _Checker:
             self.problem(key, f"parameters of {cls.name!r} must be a mapping, got {given!r}")
             return None
         spec = cls.params_spec()
+        subs = cls.subcomponent_params()
         ok = True
         for name in given:
             if name not in spec:
@@ -93,8 +96,8 @@ class _Checker:
                     out[name] = default
                 continue
             value = given[name]
-            if name in cls.subcomponents:
-                built = self.subcomponents(cls.subcomponents[name], value, f"{key}.{name}", versions)
+            if name in subs:
+                built = self.subcomponents(subs[name], value, f"{key}.{name}", versions)
                 ok = ok and built is not None
                 out[name] = built
                 continue
@@ -104,14 +107,15 @@ class _Checker:
                 ok = False
             out[name] = value
         # subcomponents left at their defaults still need expanding
-        for name, kind in cls.subcomponents.items():
+        for name, sub in subs.items():
             if name not in given and out.get(name) not in (None, REQUIRED):
-                out[name] = self.subcomponents(kind, out[name], f"{key}.{name}", versions)
+                default = _as_spec(out[name])
+                out[name] = self.subcomponents(sub, default, f"{key}.{name}", versions)
                 ok = ok and out[name] is not None
         if not ok:
             return None
-        try:
-            cls(**out)  # __post_init__ checks (cheap, side-effect free by contract)
+        try:  # __post_init__ checks (cheap, side-effect free by contract)
+            instantiate(cls, out, self.registry.build)
         except RecipeError as e:
             for p in e.problems:  # a problem keyed by parameter name points at that parameter
                 self.problem(f"{key}.{p.key}" if p.key in out else key, p.message)
@@ -121,15 +125,24 @@ class _Checker:
             return None
         return out
 
-    def subcomponents(self, kind: str, value: Any, key: str,
+    def subcomponents(self, sub: tuple[type[Component], bool], value: Any, key: str,
                       versions: dict[str, str]) -> Any:
-        if isinstance(value, list):
-            items = [self.subcomponent(kind, v, f"{key}.{i}", versions) for i, v in enumerate(value)]
+        base, many = sub
+        if many:
+            if not isinstance(value, list):
+                self.problem(key, f"expected a list of {base.kind} components "
+                             f"([{{name: ..., <params>}}, ...]), got {value!r}")
+                return None
+            items = [self.subcomponent(base, v, f"{key}.{i}", versions) for i, v in enumerate(value)]
             return None if any(i is None for i in items) else items
-        return self.subcomponent(kind, value, key, versions)
+        if isinstance(value, list):
+            self.problem(key, f"expected one {base.kind} component, got a list")
+            return None
+        return self.subcomponent(base, value, key, versions)
 
-    def subcomponent(self, kind: str, value: Any, key: str,
+    def subcomponent(self, base: type[Component] | str, value: Any, key: str,
                      versions: dict[str, str]) -> dict[str, Any] | None:
+        kind = base if isinstance(base, str) else base.kind
         if isinstance(value, str):
             value = {"name": value}
         if not isinstance(value, dict) or "name" not in value:
@@ -143,6 +156,10 @@ class _Checker:
             self.problem(f"{key}.name", f"unknown {kind} component {name!r}"
                          f"{did_you_mean(str(name), choices)}; registered: {', '.join(choices) or 'none'}")
             return None
+        if not isinstance(base, str) and not issubclass(reg.cls, base):
+            self.problem(f"{key}.name", f"{kind} component {name!r} ({reg.package}) is not a "
+                         f"{base.__name__}, which this parameter needs")
+            return None
         versions[f"{kind}/{name}"] = reg.version
         resolved = self.params(reg.cls, params, key, versions)
         return None if resolved is None else {"name": name, **resolved}
@@ -154,7 +171,7 @@ class _Checker:
         if not isinstance(stages, dict) or not stages:
             self.problem("stages", "a recipe needs a non-empty 'stages:' mapping of name -> stage")
             return {}
-        default_executor = config.get("executor", DEFAULT_EXECUTOR)
+        default_executor = config.get("executor") or self.default_executor
         specs: dict[str, StageSpec] = {}
         for name, raw in stages.items():
             spec = self.stage(str(name), raw, stages, default_executor)
@@ -191,8 +208,12 @@ class _Checker:
         inputs = self.inputs(cls, raw.get("inputs"), f"{key}.inputs", stages)
         versions = {f"stage/{comp}": reg.version}
         params = self.params(cls, raw.get("params"), f"{key}.params", versions)
-        executor = self.subcomponent("executor", raw.get("executor", default_executor),
-                                     f"{key}.executor", {})
+        executor_spec = raw.get("executor", default_executor)
+        if executor_spec is None:
+            self.problem(f"{key}.executor", "no executor: name one (executor: {name: local}) or "
+                         "install a plugin that provides a default (recipe_default_executor)")
+            return None
+        executor = self.subcomponent(Executor, executor_spec, f"{key}.executor", {})
         if inputs is None or params is None or executor is None:
             return None
         return StageSpec(name, cls, params, inputs, executor, versions)
@@ -242,12 +263,15 @@ class _Checker:
         return None
 
 
-def validate(loaded: LoadedRecipe, registry: Registry) -> Recipe:
+def validate(loaded: LoadedRecipe, registry: Registry, default_executor: Any = None) -> Recipe:
     """Resolve interpolations, check every stage, order the graph. Raises RecipeError
-    listing every problem found."""
+    listing every problem found. ``default_executor`` (``{name, ...}``) runs the stages of a
+    recipe that names none (the plugins' ``recipe_default_executor`` hook)."""
 
-    checker = _Checker(loaded, registry)
+    checker = _Checker(loaded, registry, default_executor)
     config = _resolve(loaded.cfg, checker)
+    for p in check_names(config, loaded.path.stem):  # names become paths in the store
+        checker.problem(p.key, p.message)
     specs = checker.recipe(config)
     order: list[str] = []
     if specs:
@@ -272,27 +296,33 @@ def _resolve(cfg: Any, checker: _Checker) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException:
         pass
+    failed = object()
 
-    def walk(node: Any, key: str) -> Any:
-        if OmegaConf.is_dict(node):
-            out = {}
-            for k in node.keys():
-                try:
-                    child = node._get_node(k)._dereference_node()  # raises on a bad interpolation
-                except OmegaConfBaseException as e:
-                    checker.problem(f"{key}.{k}".lstrip("."), _short(e))
-                    continue
-                out[str(k)] = walk(child, f"{key}.{k}".lstrip("."))
-            return out
-        if OmegaConf.is_list(node):
-            return [walk(node._get_node(i)._dereference_node(), f"{key}.{i}") for i in range(len(node))]
-        try:
-            return OmegaConf.to_container(OmegaConf.create({"v": node}), resolve=True)["v"]
+    def walk(raw: Any, key: str) -> Any:
+        if isinstance(raw, dict):
+            out = {str(k): walk(v, f"{key}.{k}".lstrip(".")) for k, v in raw.items()}
+            return {k: v for k, v in out.items() if v is not failed}
+        if isinstance(raw, list):
+            return [walk(v, f"{key}.{i}") for i, v in enumerate(raw)]
+        try:  # a leaf, or an interpolation that may stand for a whole subtree
+            value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+            if OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=True)
+            return value
         except OmegaConfBaseException as e:
             checker.problem(key, _short(e))
-            return None
+            return failed
 
-    return walk(cfg, "")
+    return walk(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def _as_spec(value: Any) -> Any:
+    """A sub-component default as a recipe would write it (instances become specs)."""
+    if isinstance(value, Component):
+        return {"name": value.name, **value.params()}
+    if isinstance(value, (list, tuple)):
+        return [_as_spec(v) for v in value]
+    return value
 
 
 def _short(e: Exception) -> str:

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 from recipe_engine import Component, Stage, StageContext, StageError, hookimpl
 from recipe_engine.artifacts import iter_documents, part_name, write_documents
 
 
 @dataclass(kw_only=True)
-class ToyNumbers(Stage):
-    kind: ClassVar[str] = "source"
-    name: ClassVar[str] = "toy_numbers"
-    output: ClassVar[str] = "documents"
-    description: ClassVar[str] = "documents 0..count-1"
+class ToyNumbers(Stage,
+                 name="toy_numbers",
+                 description="documents 0..count-1",
+                 output="documents"):
     count: int
     prefix: str = "doc"
 
@@ -27,29 +26,22 @@ class ToyNumbers(Stage):
 
 
 @dataclass(kw_only=True)
-class ToyMarker(Component):
-    kind: ClassVar[str] = "toy_marker"
-    name: ClassVar[str] = "bang"
+class ToyMarker(Component, kind="toy_marker", name="bang"):
     times: int = 1
 
 
 @dataclass(kw_only=True)
-class ToyUpper(Stage):
-    kind: ClassVar[str] = "filter"
-    name: ClassVar[str] = "toy_upper"
-    inputs: ClassVar[dict[str, str]] = {"documents": "documents"}
-    output: ClassVar[str] = "documents"
-    subcomponents: ClassVar[dict[str, str]] = {"marker": "toy_marker"}
+class ToyUpper(Stage, name="toy_upper", inputs={"documents": "documents"}, output="documents"):
     suffix: str = ""
     mode: Literal["upper", "lower"] = "upper"
-    marker: dict = None  # type: ignore[assignment]
+    marker: ToyMarker | None = None
     fail: bool = False
 
     def run(self, ctx: StageContext) -> None:
         if self.fail:
             (ctx.output / "partial.txt").write_text("half")
             raise StageError("toy failure requested")
-        bang = "!" * ctx.build("toy_marker", self.marker).times if self.marker else ""
+        bang = "!" * self.marker.times if self.marker else ""
         docs = []
         for d in iter_documents(ctx.inputs["documents"].path):
             t = d["text"].upper() if self.mode == "upper" else d["text"].lower()
@@ -59,11 +51,7 @@ class ToyUpper(Stage):
 
 
 @dataclass(kw_only=True)
-class ToyReport(Stage):
-    kind: ClassVar[str] = "evaluate"
-    name: ClassVar[str] = "toy_report"
-    inputs: ClassVar[dict[str, str]] = {"documents": "documents"}
-    output: ClassVar[str] = "eval_report"
+class ToyReport(Stage, name="toy_report", inputs={"documents": "documents"}, output="eval_report"):
     lr: float = 0.1
 
     def run(self, ctx: StageContext) -> None:
@@ -73,12 +61,10 @@ class ToyReport(Stage):
 
 
 @dataclass(kw_only=True)
-class ToyNeedsTokenizer(Stage):
-    kind: ClassVar[str] = "shards"
-    name: ClassVar[str] = "toy_needs_tokenizer"
-    inputs: ClassVar[dict[str, str]] = {"tokenizer": "tokenizer"}
-    output: ClassVar[str] = "shards"
-
+class ToyNeedsTokenizer(Stage,
+                        name="toy_needs_tokenizer",
+                        inputs={"tokenizer": "tokenizer"},
+                        output="shards"):
     def run(self, ctx: StageContext) -> None:  # never runs: validation rejects it
         raise AssertionError
 

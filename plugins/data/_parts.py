@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from recipe_engine import StageContext
 from recipe_engine.artifacts import PART_GLOB, part_name
+from recipe_engine.fsutil import atomic_write_json
 
 
 def task_key(index: int, *material: Any) -> str:
@@ -56,7 +57,7 @@ def run_tasks(ctx: StageContext, fn: Callable[[Any], dict[str, Any]],
         ctx.metrics[f"{state}_tasks_resumed"] = len(tasks) - len(todo)
     ctx.progress(done, total, unit)
     for i, result in zip(todo, ctx.executor.map(fn, [tasks[i][1] for i in todo])):
-        _write_json_atomic(state_dir / f"{tasks[i][0]}.json", result)
+        atomic_write_json(state_dir / f"{tasks[i][0]}.json", result)
         results[i] = result
         done += weights[i]
         ctx.progress(done, total, unit)
@@ -97,7 +98,3 @@ def _load_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)

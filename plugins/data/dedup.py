@@ -13,7 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from recipe_engine import Stage, StageContext
 from recipe_engine.artifacts import list_parts, read_documents, write_documents
@@ -39,14 +39,13 @@ def digest(text: str, mode: str) -> bytes:
 
 
 @dataclass(kw_only=True)
-class ExactDedup(Stage):
+class ExactDedup(Stage,
+                 name="exact_dedup",
+                 description="drop exact duplicates (after whitespace/case normalisation)",
+                 inputs={"documents": "documents"},
+                 output="documents"):
     """Keep the first of every group of documents with the same normalised text."""
 
-    kind: ClassVar[str] = "dedup"
-    name: ClassVar[str] = "exact_dedup"
-    inputs: ClassVar[dict[str, str]] = {"documents": "documents"}
-    output: ClassVar[str] = "documents"
-    description: ClassVar[str] = "drop exact duplicates (after whitespace/case normalisation)"
     # whitespace: \r\n -> \n, no trailing spaces, no leading/trailing blank lines; _lower: + case
     normalize: Literal["none", "whitespace", "whitespace_lower"] = "whitespace"
 

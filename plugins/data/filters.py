@@ -12,23 +12,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from recipe_engine import Component, Stage, StageContext
+from recipe_engine import DocumentFilter, Problems, Stage, StageContext
 from recipe_engine.artifacts import list_parts, read_documents, write_documents
 
 from ._parts import clear_parts, file_stamp, merge_counts, place_parts, run_tasks, task_key
-
-
-@dataclass(kw_only=True)
-class DocumentFilter(Component):
-    """Keep or drop one document. Subclasses implement ``reason``."""
-
-    kind: ClassVar[str] = "document_filter"
-
-    def reason(self, doc: dict[str, Any]) -> str | None:
-        """``None`` to keep ``doc``; otherwise a short drop reason (``"too_short"``)."""
-        raise NotImplementedError
 
 
 def _num_lines(text: str) -> int:
@@ -36,19 +25,21 @@ def _num_lines(text: str) -> int:
 
 
 @dataclass(kw_only=True)
-class LengthFilter(DocumentFilter):
+class LengthFilter(DocumentFilter,
+                   name="length",
+                   description="drop documents outside a range of characters and lines"):
     """Drop documents with too few or too many characters or lines."""
 
-    name: ClassVar[str] = "length"
-    description: ClassVar[str] = "drop documents outside a range of characters and lines"
     min_chars: int = 1
     max_chars: int = 1_000_000
     min_lines: int = 1
     max_lines: int = 100_000
 
-    def __post_init__(self) -> None:
-        if self.min_chars > self.max_chars or self.min_lines > self.max_lines:
-            raise ValueError("min_chars/min_lines must not exceed max_chars/max_lines")
+    def check(self, problems: Problems) -> None:
+        problems.require(self.min_chars <= self.max_chars, "min_chars",
+                         f"{self.min_chars} exceeds max_chars={self.max_chars}")
+        problems.require(self.min_lines <= self.max_lines, "min_lines",
+                         f"{self.min_lines} exceeds max_lines={self.max_lines}")
 
     def reason(self, doc: dict[str, Any]) -> str | None:
         text = doc["text"]
@@ -68,13 +59,13 @@ _ALNUM = re.compile(r"[^\W_]+")  # runs of what str.isalnum() accepts
 
 
 @dataclass(kw_only=True)
-class CodeQualityFilter(DocumentFilter):
+class CodeQualityFilter(DocumentFilter,
+                        name="code_quality",
+                        description="drop generated, minified and non-code-like source files"):
     """Heuristics for source files in the spirit of StarCoder / The Stack: drop generated
     files (a marker in the first lines), minified or data-like files (very long lines) and
     files that are mostly symbols or numbers (low alphanumeric fraction)."""
 
-    name: ClassVar[str] = "code_quality"
-    description: ClassVar[str] = "drop generated, minified and non-code-like source files"
     max_line_length: int = 1000
     max_mean_line_length: float = 100.0
     min_alnum_fraction: float = 0.25
@@ -84,6 +75,7 @@ class CodeQualityFilter(DocumentFilter):
     autogen_header_lines: int = 5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self._markers = [m.lower() for m in self.autogen_markers]
 
     def reason(self, doc: dict[str, Any]) -> str | None:
@@ -106,21 +98,18 @@ class CodeQualityFilter(DocumentFilter):
 
 
 @dataclass(kw_only=True)
-class FilterStage(Stage):
+class FilterStage(Stage,
+                  name="filter",
+                  description="keep the documents every document_filter accepts",
+                  inputs={"documents": "documents"},
+                  output="documents"):
     """Apply document filters, in order, to every part of a documents artifact."""
 
-    kind: ClassVar[str] = "filter"
-    name: ClassVar[str] = "filter"
-    inputs: ClassVar[dict[str, str]] = {"documents": "documents"}
-    output: ClassVar[str] = "documents"
-    description: ClassVar[str] = "keep the documents every document_filter accepts"
-    subcomponents: ClassVar[dict[str, str]] = {"filters": "document_filter"}
-    filters: list = field(default_factory=list)  # [{name: length, min_chars: 64}, ...]
+    filters: list[DocumentFilter] = field(default_factory=list)  # [{name: length, min_chars: 64}, ...]
     keep_dropped: bool = False  # write dropped documents to dropped/ with a drop_reason
 
     def run(self, ctx: StageContext) -> None:
-        built = [f if isinstance(f, DocumentFilter) else ctx.build("document_filter", f)
-                 for f in self.filters]
+        built = self.filters
         labels = _labels([type(f).name for f in built])
         parts = list_parts(ctx.inputs["documents"].path)
         tasks = []

@@ -10,6 +10,10 @@ Files are read in sorted path order, in chunks through the stage's executor; eac
 becomes one or more parts. Malformed input (undecodable UTF-8, unreadable files, bad JSON,
 a missing or non-string text field) is skipped and counted as ``skipped.<reason>``; empty
 and oversized documents are dropped and counted as ``dropped.<reason>``.
+
+Symbolic links are followed only within ``root``: a file whose real path lies outside the real
+root (``x.py -> ~/.aws/credentials``) is skipped and counted as
+``skipped.symlink_outside_root``, unless ``follow_symlinks_outside_root`` is set.
 """
 from __future__ import annotations
 
@@ -23,11 +27,11 @@ import stat
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, NamedTuple
+from typing import Any, Iterator, Literal, NamedTuple
 
 import zstandard
 
-from recipe_engine import Stage, StageContext, StageError
+from recipe_engine import Problems, Stage, StageContext, StageError
 from recipe_engine.artifacts import write_documents
 
 from ._parts import clear_parts, merge_counts, place_parts, run_tasks, task_key
@@ -43,13 +47,11 @@ class Entry(NamedTuple):
 
 
 @dataclass(kw_only=True)
-class FilesSource(Stage):
+class FilesSource(Stage,
+                  name="files_source",
+                  description="documents from the files under a directory (text or JSONL)",
+                  output="documents"):
     """Documents from local (or fsspec) files: one per file, or one per line of JSONL."""
-
-    kind: ClassVar[str] = "source"
-    name: ClassVar[str] = "files_source"
-    output: ClassVar[str] = "documents"
-    description: ClassVar[str] = "documents from the files under a directory (text or JSONL)"
 
     root: str
     include: list[str] = field(default_factory=lambda: ["**/*.py"])
@@ -59,12 +61,12 @@ class FilesSource(Stage):
     source_name: str = ""  # default: the root directory's name
     max_file_bytes: int = 2_000_000  # text files (JSONL: each record's text) above are dropped
     docs_per_part: int = 500
+    follow_symlinks_outside_root: bool = False  # read files linked from outside the root
 
-    def __post_init__(self) -> None:
-        if not self.include:
-            raise ValueError("include must name at least one glob pattern")
-        if self.docs_per_part < 1 or self.max_file_bytes < 1:
-            raise ValueError("docs_per_part and max_file_bytes must be positive")
+    def check(self, problems: Problems) -> None:
+        problems.require(bool(self.include), "include", "must name at least one glob pattern")
+        problems.require(self.docs_per_part >= 1, "docs_per_part", "must be positive")
+        problems.require(self.max_file_bytes >= 1, "max_file_bytes", "must be positive")
 
     @property
     def source(self) -> str:
@@ -94,7 +96,7 @@ class FilesSource(Stage):
                              f"include={self.include} exclude={self.exclude}")
         config = {"root": self.root, "source": self.source, "text_key": self.text_key,
                   "max_bytes": self.max_file_bytes, "per_part": self.docs_per_part,
-                  "work": str(ctx.work)}
+                  "follow_outside": self.follow_symlinks_outside_root, "work": str(ctx.work)}
         chunks: list[list[tuple[str, int, bool]]] = []
         chunk: list[tuple[str, int, bool]] = []
         chunk_bytes = 0
@@ -287,12 +289,17 @@ def _documents(task: dict[str, Any], counts: dict[str, int],
         counts[key] = counts.get(key, 0) + 1
 
     root, source, max_bytes = task["root"], task["source"], task["max_bytes"]
+    inside = None if task.get("follow_outside") or "://" in root else _inside(root)
     for rel, size, jsonl in task["files"]:
         try:
             rel.encode("utf-8")
         except UnicodeEncodeError:  # a file name that is not UTF-8
             bump("records_in")
             bump("skipped.bad_filename")
+            continue
+        if inside is not None and not inside(rel):
+            bump("records_in")
+            bump("skipped.symlink_outside_root")
             continue
         if jsonl:
             for doc in _jsonl_documents(root, rel, task["text_key"], counts, bump):
@@ -336,6 +343,17 @@ def _documents(task: dict[str, Any], counts: dict[str, int],
         totals["bytes"] += len(text.encode("utf-8"))
         bump("documents_out")
         yield {"id": f"{source}/{rel}", "text": text, "source": source, "path": rel}
+
+
+def _inside(root: str) -> Any:
+    """A test: does ``rel`` under ``root``, links resolved, stay within the resolved root?"""
+    real_root = os.path.realpath(os.path.expanduser(root))
+
+    def inside(rel: str) -> bool:
+        real = os.path.realpath(os.path.join(real_root, rel))
+        return os.path.commonpath([real, real_root]) == real_root
+
+    return inside
 
 
 RESERVED = ("id", "text", "source", "path")

@@ -9,11 +9,10 @@ from recipe_engine import Executor, hookimpl
 
 
 @dataclass(kw_only=True)
-class SerialExecutor(Executor):
+class SerialExecutor(Executor,
+                     name="serial",
+                     description="run tasks one after another in the runner's process"):
     """Runs every task in the calling process; for debugging and tiny inputs."""
-
-    name = "serial"
-    description = "run tasks one after another in the runner's process"
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         for item in items:
@@ -21,11 +20,11 @@ class SerialExecutor(Executor):
 
 
 @dataclass(kw_only=True)
-class LocalExecutor(Executor):
+class LocalExecutor(Executor,
+                    name="local",
+                    description="process pool on this machine (spawn), results in input order"):
     """A process pool on this machine; ``num_workers: 0`` means one per CPU core."""
 
-    name = "local"
-    description = "process pool on this machine (spawn), results in input order"
     num_workers: int = 0
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
@@ -46,3 +45,8 @@ class LocalExecutor(Executor):
 @hookimpl
 def recipe_components():
     return [LocalExecutor, SerialExecutor]
+
+
+@hookimpl
+def recipe_default_executor():
+    return {"name": "local"}

@@ -16,41 +16,47 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, Iterable, Literal
 
-from recipe_engine import Component, Problem, RecipeError, Stage, StageContext, hookimpl
+from recipe_engine import Component, ModelConfig, Problems, Stage, StageContext, StageError, hookimpl
 
 # Composer time strings (composer.core.Time.from_timestring), checked here without Composer
 _TIME = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(ep|ba|sp|tok|dur)\s*$", re.I)
 _EXAMPLES = {"ep": "1ep", "ba": "1000ba", "sp": "64000sp", "tok": "2000000tok", "dur": "0.02dur"}
 
 
-def _bad(key: str, message: str) -> Problem:
-    """A parameter problem whose message names the parameter (the validator reports
-    problems under the component's key)."""
-    return Problem(key=key, message=f"{key} {message}")
-
-
-def _time_problem(key: str, value: str, units: tuple[str, ...],
-                  whole: bool = True) -> Problem | None:
-    """A problem with ``value`` as a time string in ``units`` (``whole``: Composer wants a
-    whole number of everything but ``dur``), or None."""
+def _check_time(problems: Problems, key: str, value: str, units: tuple[str, ...],
+                whole: bool = True, positive: bool = False) -> None:
+    """Report ``value`` unless it is a time string in ``units`` (``whole``: Composer wants a
+    whole number of everything but ``dur``; ``positive``: zero is not a duration)."""
     m = _TIME.match(str(value))
     if not m or m.group(2).lower() not in units:
         shown = ", ".join(_EXAMPLES[u] for u in units)
-        return _bad(key, f"{value!r} is not a Composer time string; "
-                         f"use a number and one of {'/'.join(units)} ({shown})")
+        problems.add(key, f"{value!r} is not a Composer time string; "
+                          f"use a number and one of {'/'.join(units)} ({shown})")
+        return
     number = float(m.group(1))
     if whole and m.group(2).lower() != "dur" and number != int(number):
-        return _bad(key, f"{value!r}: Composer counts {m.group(2)} in whole numbers")
-    return None
+        problems.add(key, f"{value!r}: Composer counts {m.group(2)} in whole numbers")
+    elif positive and number <= 0:
+        problems.add(key, f"{value!r} is zero: give a positive duration")
 
 
 # -- optimizer ------------------------------------------------------------------------------
 
 
 @dataclass(kw_only=True)
-class AdamW(Component):
+class Optimizer(Component, kind="optimizer"):
+    """Builds a torch optimizer over a model's named parameters."""
+
+    def build(self, named_parameters: Iterable[tuple[str, Any]], no_decay: Iterable[str] = ()) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class AdamW(Optimizer,
+            name="adamw",
+            description="torch AdamW, no decay on norms/biases/embeddings"):
     """``torch.optim.AdamW``; no weight decay on 1-D parameters (norm gains, biases) nor on
     embeddings (a tied LM head shares the embedding's weight, so it is not decayed either).
 
@@ -58,25 +64,17 @@ class AdamW(Component):
     per step, the convention the Llama / OLMo / GPT-3 papers' numbers are given in.
     """
 
-    kind: ClassVar[str] = "optimizer"
-    name: ClassVar[str] = "adamw"
-    description: ClassVar[str] = "torch AdamW, no decay on norms/biases/embeddings"
-
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
 
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.lr > 0:
-            problems.append(_bad("lr", f"must be > 0, got {self.lr}"))
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            problems.append(_bad("betas", f"must be two numbers in [0, 1), got {self.betas}"))
-        if self.weight_decay < 0:
-            problems.append(_bad("weight_decay", f"must be >= 0, got {self.weight_decay}"))
-        if problems:
-            raise RecipeError(problems)
+    def check(self, problems: Problems) -> None:
+        problems.require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        problems.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                         "betas", f"must be two numbers in [0, 1), got {self.betas}")
+        problems.require(self.weight_decay >= 0, "weight_decay",
+                         f"must be >= 0, got {self.weight_decay}")
 
     def param_groups(self, named_parameters: Iterable[tuple[str, Any]],
                      no_decay: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -108,23 +106,26 @@ class AdamW(Component):
 
 
 @dataclass(kw_only=True)
-class CosineWarmup(Component):
+class Scheduler(Component, kind="scheduler"):
+    """Builds a Composer scheduler (its time strings resolve against the run's length)."""
+
+    def build(self) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class CosineWarmup(Scheduler,
+                   name="cosine_warmup",
+                   description="linear warmup then cosine decay to alpha_f * lr"):
     """Linear warmup, then cosine decay to ``alpha_f * lr`` at the end of training
     (``composer.optim.CosineAnnealingWithWarmupScheduler``)."""
-
-    kind: ClassVar[str] = "scheduler"
-    name: ClassVar[str] = "cosine_warmup"
-    description: ClassVar[str] = "linear warmup then cosine decay to alpha_f * lr"
 
     warmup: str = "0.02dur"  # Composer time: "2000ba", "10000000tok", or a fraction "0.02dur"
     alpha_f: float = 0.1
 
-    def __post_init__(self) -> None:
-        problems = [p for p in [_time_problem("warmup", self.warmup, ("ba", "sp", "tok", "ep", "dur"))] if p]
-        if not 0 <= self.alpha_f <= 1:
-            problems.append(_bad("alpha_f", f"must be in [0, 1], got {self.alpha_f}"))
-        if problems:
-            raise RecipeError(problems)
+    def check(self, problems: Problems) -> None:
+        _check_time(problems, "warmup", self.warmup, ("ba", "sp", "tok", "ep", "dur"))
+        problems.require(0 <= self.alpha_f <= 1, "alpha_f", f"must be in [0, 1], got {self.alpha_f}")
 
     def build(self) -> Any:
         from composer.optim import CosineAnnealingWithWarmupScheduler
@@ -136,11 +137,9 @@ class CosineWarmup(Component):
 
 
 @dataclass(kw_only=True)
-class Parallelism(Component):
+class Parallelism(Component, kind="parallelism"):
     """How the model is spread over devices. The stage launches ``num_processes_per_node()``
     processes (one per device) with Composer's launcher when that is more than one."""
-
-    kind: ClassVar[str] = "parallelism"
 
     def num_processes_per_node(self) -> int:
         return 1
@@ -154,37 +153,32 @@ class Parallelism(Component):
 
 
 @dataclass(kw_only=True)
-class SingleDevice(Parallelism):
-    name: ClassVar[str] = "single"
-    description: ClassVar[str] = "no wrapping: the CPU or one GPU, one process"
+class SingleDevice(Parallelism,
+                   name="single",
+                   description="no wrapping: the CPU or one GPU, one process"):
+    """No wrapping: the model on the CPU or one GPU, in one process."""
 
 
 @dataclass(kw_only=True)
-class DDP(Parallelism):
+class DDP(Parallelism, name="ddp", description="DistributedDataParallel, one process per device"):
     """Data parallel: every process holds the whole model; Composer wraps it in
     ``DistributedDataParallel`` when the world has more than one process."""
 
-    name: ClassVar[str] = "ddp"
-    description: ClassVar[str] = "DistributedDataParallel, one process per device"
-
     num_processes: int = 1  # per node; multi-node: WORLD_SIZE/NODE_RANK/MASTER_ADDR as usual
 
-    def __post_init__(self) -> None:
-        if self.num_processes < 1:
-            raise RecipeError(_bad("num_processes", f"must be >= 1, got {self.num_processes}"))
+    def check(self, problems: Problems) -> None:
+        problems.require(self.num_processes >= 1, "num_processes",
+                         f"must be >= 1, got {self.num_processes}")
 
     def num_processes_per_node(self) -> int:
         return self.num_processes
 
 
 @dataclass(kw_only=True)
-class FSDP(DDP):
+class FSDP(DDP, name="fsdp", description="FSDP, one unit per transformer block"):
     """Fully sharded data parallel (Composer's FSDP config). Every element of the model's
     ``nn.ModuleList``s — the transformer blocks — is its own FSDP unit (and, with
     ``activation_checkpointing``, is recomputed in backward)."""
-
-    name: ClassVar[str] = "fsdp"
-    description: ClassVar[str] = "FSDP, one unit per transformer block"
 
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD",
                                "_HYBRID_SHARD_ZERO2"] = "FULL_SHARD"
@@ -206,7 +200,7 @@ class FSDP(DDP):
 
         blocks = {id(m) for lst in module.modules() if isinstance(lst, nn.ModuleList) for m in lst}
         if not blocks:
-            raise RecipeError(f"fsdp: {type(module).__name__} has no nn.ModuleList of blocks to wrap")
+            raise StageError(f"fsdp: {type(module).__name__} has no nn.ModuleList of blocks to wrap")
         # Composer's hooks (composer.distributed.dist_strategy): called for every submodule
         module.fsdp_wrap_fn = lambda m: id(m) in blocks
         module.activation_checkpointing_fn = lambda m: id(m) in blocks
@@ -216,7 +210,12 @@ class FSDP(DDP):
 
 
 @dataclass(kw_only=True)
-class ComposerTrain(Stage):
+class ComposerTrain(Stage,
+                    name="composer_train",
+                    version="1",
+                    description="pretrain a model on MDS shards with Composer (resumable)",
+                    inputs={"shards": "shards"},
+                    output="checkpoint"):
     """Pretrain a model on ``shards`` with Composer's trainer; output a ``checkpoint``
     artifact (``model.safetensors`` + ``model.json``, fp32).
 
@@ -232,21 +231,10 @@ class ComposerTrain(Stage):
     same sample, and ends with the weights an uninterrupted run would have.
     """
 
-    kind: ClassVar[str] = "train"
-    name: ClassVar[str] = "composer_train"
-    version: ClassVar[str] = "1"
-    description: ClassVar[str] = "pretrain a model on MDS shards with Composer (resumable)"
-    inputs: ClassVar[dict[str, str]] = {"shards": "shards"}
-    output: ClassVar[str] = "checkpoint"
-    subcomponents: ClassVar[dict[str, str]] = {
-        "model": "model", "optimizer": "optimizer", "scheduler": "scheduler",
-        "parallelism": "parallelism",
-    }
-
-    model: dict[str, Any]
-    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw"})
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "cosine_warmup"})
-    parallelism: dict[str, Any] = field(default_factory=lambda: {"name": "single"})
+    model: ModelConfig
+    optimizer: Optimizer = field(default_factory=AdamW)
+    scheduler: Scheduler = field(default_factory=CosineWarmup)
+    parallelism: Parallelism = field(default_factory=SingleDevice)
     global_batch_size: int = 64  # sequences per optimizer step, over all processes
     device_microbatch_size: int = 0  # sequences per forward/backward; 0 = the whole device batch
     max_duration: str = ""
@@ -264,43 +252,39 @@ class ComposerTrain(Stage):
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # per-device peak for MFU (e.g. 989 for H100 bf16 dense); 0 = no MFU
 
-    def __post_init__(self) -> None:
-        problems: list[Problem] = []
+    def check(self, problems: Problems) -> None:
         if bool(self.max_duration.strip()) == (self.tokens_per_param > 0):
-            problems.append(Problem(
+            problems.add(
                 "max_duration", "set exactly one of max_duration (a Composer time string like "
                 f"'1ep', '1000ba', '2000000tok') and tokens_per_param (> 0, e.g. 20); got "
-                f"max_duration={self.max_duration!r}, tokens_per_param={self.tokens_per_param}"))
-        elif self.max_duration.strip():
-            p = _time_problem("max_duration", self.max_duration, ("ep", "ba", "sp", "tok"),
-                              whole=False)  # turned into whole batches by total_batches
-            problems += [p] if p else []
-        if self.tokens_per_param < 0:
-            problems.append(_bad("tokens_per_param", f"must be >= 0, got {self.tokens_per_param}"))
-        if self.global_batch_size < 1:
-            problems.append(_bad("global_batch_size", f"must be >= 1, got {self.global_batch_size}"))
-        if self.device_microbatch_size < 0:
-            problems.append(_bad("device_microbatch_size",
-                                    f"must be >= 0 (0 = whole device batch), got {self.device_microbatch_size}"))
-        p = _time_problem("save_interval", self.save_interval, ("ep", "ba", "sp", "tok", "dur"))
-        problems += [p] if p else []
+                f"max_duration={self.max_duration!r}, tokens_per_param={self.tokens_per_param}")
+        elif self.max_duration.strip():  # turned into whole batches by total_batches
+            _check_time(problems, "max_duration", self.max_duration, ("ep", "ba", "sp", "tok"),
+                        whole=False, positive=True)
+        problems.require(self.tokens_per_param >= 0, "tokens_per_param",
+                         f"must be >= 0, got {self.tokens_per_param}")
+        problems.require(self.global_batch_size >= 1, "global_batch_size",
+                         f"must be >= 1, got {self.global_batch_size}")
+        problems.require(self.device_microbatch_size >= 0, "device_microbatch_size",
+                         f"must be >= 0 (0 = whole device batch), got {self.device_microbatch_size}")
+        if self.device_microbatch_size and self.global_batch_size % self.device_microbatch_size:
+            problems.add("device_microbatch_size", f"{self.device_microbatch_size} does not divide "
+                         f"global_batch_size={self.global_batch_size}")
+        _check_time(problems, "save_interval", self.save_interval, ("ep", "ba", "sp", "tok", "dur"),
+                    positive=True)
         if str(self.eval_interval).strip() != "0":
-            p = _time_problem("eval_interval", self.eval_interval, ("ep", "ba", "sp", "tok", "dur"))
-            problems += [p] if p else []
-        if self.num_checkpoints_to_keep == 0 or self.num_checkpoints_to_keep < -1:
-            problems.append(_bad("num_checkpoints_to_keep", "must be >= 1, or -1 to keep all "
-                                    "(resume needs at least the last checkpoint), got "
-                                    f"{self.num_checkpoints_to_keep}"))
-        for key in ("eval_batches", "num_workers"):
-            if getattr(self, key) < 0:
-                problems.append(_bad(key, f"must be >= 0, got {getattr(self, key)}"))
-        if self.log_interval < 1:
-            problems.append(_bad("log_interval", f"must be >= 1, got {self.log_interval}"))
-        for key in ("grad_clip_norm", "peak_tflops"):
-            if getattr(self, key) < 0:
-                problems.append(_bad(key, f"must be >= 0, got {getattr(self, key)}"))
-        if problems:
-            raise RecipeError(problems)
+            _check_time(problems, "eval_interval", self.eval_interval,
+                        ("ep", "ba", "sp", "tok", "dur"), positive=True)
+        problems.require(self.num_checkpoints_to_keep >= 1 or self.num_checkpoints_to_keep == -1,
+                         "num_checkpoints_to_keep", "must be >= 1, or -1 to keep all (resume "
+                         f"needs at least the last checkpoint), got {self.num_checkpoints_to_keep}")
+        for key in ("eval_batches", "num_workers", "grad_clip_norm", "peak_tflops"):
+            problems.require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        problems.require(self.log_interval >= 1, "log_interval",
+                         f"must be >= 1, got {self.log_interval}")
+        if self.device == "cpu" and self.precision != "fp32":
+            problems.add("precision", f"{self.precision} needs a GPU (Composer trains on CPU in "
+                         "fp32 only); set precision: fp32 for device: cpu")
 
     def total_batches(self, num_params: int, seq_len: int, batches_per_epoch: int) -> int:
         """The run's length in optimizer steps (``max_duration`` or ``tokens_per_param``);
@@ -316,7 +300,7 @@ class ComposerTrain(Stage):
             return max(1, math.ceil(value * batches_per_epoch))
         return max(1, math.ceil(value / per_unit[unit]))
 
-    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]], build: Any) -> dict[str, Any]:
+    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Size, budget and cost before any GPU is booked: parameters, tokens, steps, FLOPs,
         the Chinchilla ratio, optimizer-state memory per device and device-hours at an
         assumed utilisation (a planning figure, not a measurement)."""
@@ -324,22 +308,21 @@ class ComposerTrain(Stage):
         vocab, seq_len = shards.get("vocab_size"), shards.get("seq_len")
         if not vocab or not seq_len:
             return {"note": "model size unknown until the tokenizer and shards are planned"}
-        model = build("model", self.model)
-        parallelism = build("parallelism", self.parallelism)
-        n_params = model.num_params(vocab)  # type: ignore[attr-defined]
+        model, parallelism = self.model, self.parallelism
+        n_params = model.num_params(vocab)
         batches_per_epoch = max(1, shards.get("num_train_samples", 0) // self.global_batch_size)
         if self.max_duration.endswith("ep") and "num_train_samples" not in shards:
             return {"params": n_params, "note": "epochs: the step count needs the shards first"}
         steps = self.total_batches(n_params, seq_len, batches_per_epoch)
         tokens = steps * self.global_batch_size * seq_len
-        flops = model.flops_per_token(vocab, seq_len) * tokens  # type: ignore[attr-defined]
-        devices = parallelism.num_processes_per_node()  # type: ignore[attr-defined]
+        flops = model.flops_per_token(vocab, seq_len) * tokens
+        devices = parallelism.num_processes_per_node()
         sharded = parallelism.name == "fsdp"
         # fp32 weights + grads + two Adam moments = 16 bytes per parameter
         state_gb = 16 * n_params / (devices if sharded else 1) / 2**30
         out: dict[str, Any] = {
             "params": n_params,
-            "params_non_embedding": model.num_params(vocab, embeddings=False),  # type: ignore[attr-defined]
+            "params_non_embedding": model.num_params(vocab, embeddings=False),
             "tokens": tokens,
             "steps": steps,
             "tokens_per_batch": self.global_batch_size * seq_len,
@@ -360,8 +343,7 @@ class ComposerTrain(Stage):
     def run(self, ctx: StageContext) -> None:
         import os
 
-        parallelism = ctx.build("parallelism", self.parallelism)
-        nproc = parallelism.num_processes_per_node()  # type: ignore[attr-defined]
+        nproc = self.parallelism.num_processes_per_node()
         if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             from .worker import launch
 

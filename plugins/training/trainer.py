@@ -22,7 +22,7 @@ from composer.loggers import Logger
 from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from composer.utils import dist, reproducibility
 
-from recipe_engine import RecipeError, StageContext, StageError
+from recipe_engine import StageContext, StageError
 
 if TYPE_CHECKING:
     from . import ComposerTrain
@@ -200,9 +200,9 @@ def _resolve_device(device: str, nproc: int) -> str:
         device = "gpu" if torch.cuda.is_available() else "cpu"
     if device == "gpu":
         if not torch.cuda.is_available():
-            raise RecipeError("device: 'gpu' was asked for but torch sees no CUDA device")
+            raise StageError("device: 'gpu' was asked for but torch sees no CUDA device")
         if nproc > torch.cuda.device_count():
-            raise RecipeError(f"parallelism: {nproc} processes per node but only "
+            raise StageError(f"parallelism: {nproc} processes per node but only "
                               f"{torch.cuda.device_count()} GPUs")
     return device
 
@@ -219,26 +219,24 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
         raise StageError(f"the shards artifact at {shards.path} lacks meta {missing}")
     vocab_size, seq_len = int(meta["vocab_size"]), int(meta["seq_len"])
 
-    model_cfg = ctx.build("model", stage.model)
-    optim_cfg = ctx.build("optimizer", stage.optimizer)
-    sched_cfg = ctx.build("scheduler", stage.scheduler)
-    parallel = ctx.build("parallelism", stage.parallelism)
+    model_cfg, optim_cfg = stage.model, stage.optimizer
+    sched_cfg, parallel = stage.scheduler, stage.parallelism
 
     world_size, rank = dist.get_world_size(), dist.get_global_rank()
     device = _resolve_device(stage.device, dist.get_local_world_size())
     if world_size > 1 and not dist.is_initialized():
         dist.initialize_dist(device)
     if stage.global_batch_size % world_size:
-        raise RecipeError(f"global_batch_size={stage.global_batch_size} is not divisible by "
+        raise StageError(f"global_batch_size={stage.global_batch_size} is not divisible by "
                           f"the {world_size} processes")
     device_batch = stage.global_batch_size // world_size
     micro = stage.device_microbatch_size or device_batch
     if device_batch % micro:
-        raise RecipeError(f"device_microbatch_size={micro} does not divide the per-device batch "
-                          f"of {device_batch} sequences")
+        raise StageError(f"device_microbatch_size={micro} does not divide the per-device batch "
+                         f"of {device_batch} sequences")
     if device == "cpu" and stage.precision != "fp32":
-        raise RecipeError(f"precision={stage.precision} needs a GPU (Composer trains on CPU in "
-                          f"fp32 only); set precision: fp32 for CPU runs")
+        raise StageError(f"precision={stage.precision} needs a GPU (Composer trains on CPU in "
+                         f"fp32 only); set precision: fp32 for CPU runs")
 
     # data: this attempt's cache (only used for compressed shards); earlier attempts' are stale
     cache_root = Path(ctx.work) / "stream_cache"
@@ -265,17 +263,17 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
         ctx.log("the shards have no validation sequences: no val_loss")
 
     # model, optimizer, schedule
-    num_params = model_cfg.num_params(vocab_size, embeddings=True)  # type: ignore[attr-defined]
-    flops_per_token = model_cfg.flops_per_token(vocab_size, seq_len)  # type: ignore[attr-defined]
+    num_params = model_cfg.num_params(vocab_size, embeddings=True)
+    flops_per_token = model_cfg.flops_per_token(vocab_size, seq_len)
     batches = stage.total_batches(num_params, seq_len, batches_per_epoch)
     tokens_per_batch = stage.global_batch_size * seq_len
     reproducibility.seed_all(stage.seed)
-    module = model_cfg.build(vocab_size, seq_len)  # type: ignore[attr-defined]
-    parallel.prepare(module)  # type: ignore[attr-defined]
+    module = model_cfg.build(vocab_size, seq_len)
+    parallel.prepare(module)
     no_decay = [f"{mname}.{pname}".lstrip(".") for mname, m in module.named_modules()
                 if isinstance(m, torch.nn.Embedding) for pname, _ in m.named_parameters(recurse=False)]
-    optimizer = optim_cfg.build(module.named_parameters(), no_decay)  # type: ignore[attr-defined]
-    scheduler = sched_cfg.build()  # type: ignore[attr-defined]
+    optimizer = optim_cfg.build(module.named_parameters(), no_decay)
+    scheduler = sched_cfg.build()
     pad_id = meta.get("pad_id")
     if not (isinstance(pad_id, int) and 0 <= pad_id < vocab_size
             and pad_id not in (meta.get("bos_id"), meta.get("eos_id"))):
@@ -322,7 +320,7 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
         device_train_microbatch_size=micro,
         seed=stage.seed,
         compile_config={} if stage.compile else None,
-        **parallel.trainer_kwargs(),  # type: ignore[attr-defined]
+        **parallel.trainer_kwargs(),
     )
     resumed_from = int(trainer.state.timestamp.batch)
     if resumed_from >= batches:  # killed after the last checkpoint: nothing left to train
@@ -341,9 +339,11 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     sharded = trainer.state.fsdp_enabled
     state_dict = full_state_dict(composer_model.model, sharded)
     if rank == 0:
-        from recipe_engine_plugins.models import save_model
+        from safetensors.torch import save_model as save_weights
 
-        fresh = model_cfg.build(vocab_size, seq_len)  # type: ignore[attr-defined]
+        from recipe_engine.artifacts import WEIGHTS_FILE, write_model_spec
+
+        fresh = model_cfg.build(vocab_size, seq_len)
         missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
         # a tied weight may be gathered under one of its names only; the fresh module ties it
         first_name: dict[int, str] = {}
@@ -355,7 +355,8 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
         if unexpected or set(missing) - tied:
             raise StageError(f"the trained weights do not fit a fresh {model_cfg.name}: missing "
                              f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-        save_model(fresh, model_cfg, vocab_size, seq_len, Path(ctx.output))  # type: ignore[arg-type]
+        save_weights(fresh, str(Path(ctx.output) / WEIGHTS_FILE))  # the checkpoint artifact
+        write_model_spec(Path(ctx.output), model_cfg.name, model_cfg.params(), vocab_size, seq_len)
     trainer.close()
     if dist.get_local_rank() == 0:
         shutil.rmtree(cache_root / tag, ignore_errors=True)

@@ -14,6 +14,7 @@ stage forwards to its context, and writes the run's meta and metrics to a result
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recipe_engine import Artifact, StageContext, StageError
+from recipe_engine import Artifact, Executor, StageContext, StageError
+from recipe_engine.component import instantiate
 
 if TYPE_CHECKING:
     from . import ComposerTrain
@@ -96,11 +98,8 @@ def launch(stage: "ComposerTrain", ctx: StageContext, nproc: int) -> None:
 def _forward(ctx: StageContext, msg: dict[str, Any]) -> None:
     if "progress" in msg:
         ctx.progress(*msg["progress"])
-    elif "log" in msg:  # already prefixed with the stage name by the worker's context
-        if ctx.log_fn:
-            ctx.log_fn(msg["log"])
-        else:
-            print(msg["log"], file=sys.stderr)
+    elif "log" in msg:
+        ctx.log(msg["log"])
 
 
 # -- the worker's side -----------------------------------------------------------------------
@@ -108,6 +107,11 @@ def _forward(ctx: StageContext, msg: dict[str, Any]) -> None:
 
 def _emit(msg: dict[str, Any]) -> None:
     print(MARK + json.dumps(msg), flush=True)
+
+
+class _EmitHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _emit({"log": record.getMessage()})
 
 
 def _exit_with_parent(pid: int, every: float = 5.0) -> None:
@@ -142,8 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     if spec.get("parent_pid"):
         _exit_with_parent(int(spec["parent_pid"]))
     registry = PluginManager().registry
-    stage = registry.build("stage", {"name": spec["stage"], **spec["params"]})
+    stage = instantiate(registry.get("stage", spec["stage"]).cls, spec["params"], registry.build)
     rank = int(os.environ.get("RANK", "0"))
+    logger = logging.getLogger("recipe_engine")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if rank == 0:  # the stage's process prints rank 0's lines under the stage's name
+        logger.addHandler(_EmitHandler())
     ctx = StageContext(
         stage=spec["label"],
         fingerprint=spec["fingerprint"],
@@ -151,13 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                 for slot, a in spec["inputs"].items()},
         output=Path(spec["output"]),
         work=Path(spec["work"]),
-        executor=registry.build("executor", {"name": "serial"}),  # type: ignore[arg-type]
-        build_fn=registry.build,
-        progress_fn=(lambda st, done, total, unit: _emit({"progress": [done, total, unit]}))
+        executor=registry.build(Executor, "serial"),
+        build=registry.build,
+        progress=(lambda st, done, total, unit: _emit({"progress": [done, total, unit]}))
         if rank == 0 else None,
-        log_fn=(lambda message: _emit({"log": message})) if rank == 0 else (lambda message: None),
     )
-    out = train(stage, ctx, cache_tag=spec["cache_tag"])  # type: ignore[arg-type]
+    out = train(stage, ctx, cache_tag=spec["cache_tag"])
     if rank == 0:
         result = Path(spec["result"])
         tmp = result.with_suffix(".tmp")

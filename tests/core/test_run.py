@@ -15,8 +15,14 @@ def test_run_then_everything_cached(toy):
         assert manifest["fingerprint"] == st["fingerprint"]
         assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
     assert first["stages"][2]["metrics"]["score"] == 0.1 * len("doc 0") * 5
+    # a marker planted in each committed artifact survives: the second run reuses, not redoes
+    for st in first["stages"]:
+        with open(os.path.join(st["artifact"], "planted.txt"), "w") as f:
+            f.write(st["name"])
     second = toy.run_json()
     assert set(statuses(second).values()) == {"cached"}
+    for st in second["stages"]:
+        assert open(os.path.join(st["artifact"], "planted.txt")).read() == st["name"]
     assert [s["fingerprint"] for s in second["stages"]] == [s["fingerprint"] for s in first["stages"]]
 
 

@@ -32,8 +32,8 @@ def test_valid_recipe_exits_zero(toy, tmp_path):
     ("""
      stages:
        numbers: {component: toy_numbers, params: {cuont: 3}}
-     """, ['stages.numbers.params.cuont: unknown parameter of source \'toy_numbers\' (did you mean "count"?)',
-           "stages.numbers.params.count: missing required parameter of source 'toy_numbers' (int)"]),
+     """, ['stages.numbers.params.cuont: unknown parameter of stage \'toy_numbers\' (did you mean "count"?)',
+           "stages.numbers.params.count: missing required parameter of stage 'toy_numbers' (int)"]),
     ("""
      stages:
        numbers: {component: toy_numbers, params: {count: many}}
@@ -124,3 +124,48 @@ def test_missing_recipe_file(toy, tmp_path):
 def test_unknown_stage_for_until(toy):
     rc, out, err = toy("run", toy.recipe, "--until", "uper")
     assert rc == 1 and "no stage named 'uper'" in err
+
+
+def test_override_of_a_missing_key_gets_did_you_mean(toy, tmp_path):
+    rc, out, err = toy("validate", write(tmp_path, GOOD), "stages.numbers.params.cuont=4")
+    assert rc == 1
+    assert "command-line override 'stages.numbers.params.cuont=4'" in err
+    assert 'did you mean "count"?' in err and "+stages.numbers.params.cuont=4" in err
+    assert "bad.yaml" not in err  # the mistake is on the command line, not in the file
+
+
+def test_a_recipe_extends_another_without_copying(toy, tmp_path):
+    write(tmp_path, GOOD, name="parent.yaml")
+    child = write(tmp_path, """
+        defaults:
+          - parent
+          - _self_
+        stages:
+          numbers: {params: {count: 5}}
+    """, name="child.yaml")
+    from recipe_engine import config
+    from recipe_engine.plugins import PluginManager
+    from recipe_engine.validate import validate
+
+    pm = PluginManager()
+    recipe = validate(config.load(child, [], pm.config_dirs()), pm.registry, {"name": "serial"})
+    assert recipe.name == "child"  # a name is never inherited: the parent's "t" is not ours
+    assert list(recipe.stages) == ["numbers", "upper"]
+    assert recipe.stages["numbers"].params["count"] == 5
+    # a mistake in the child is attributed to the child's file
+    bad = write(tmp_path, "defaults: [parent, _self_]\nstages:\n  numbers: {params: {cuont: 5}}\n",
+                name="bad_child.yaml")
+    rc, out, err = toy("validate", bad)
+    assert rc == 1 and f"{bad}: stages.numbers.params.cuont" in err
+
+
+def test_builtin_recipes_can_be_extended(toy, tmp_path):
+    path = write(tmp_path, """
+        defaults:
+          - micro_code
+          - override model: micro_10m
+          - _self_
+        train: {max_duration: 20ba}
+    """, name="mine.yaml")
+    rc, out, err = toy("validate", path)
+    assert rc == 0, err

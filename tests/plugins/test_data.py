@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from recipe_engine import Artifact, StageError
+from recipe_engine import Artifact, DocumentFilter, RecipeError, StageError
 from recipe_engine.artifacts import iter_documents, list_parts, read_documents, write_documents
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
@@ -166,6 +166,25 @@ def test_fingerprint_extra_follows_the_files(tmp_path):
     assert stage.fingerprint_extra() not in (fp, fp2)
 
 
+def test_source_skips_symlinks_outside_root(tmp_path):
+    root = tmp_path / "corpus"
+    write(root / "a.py", CODE)
+    secret = write(tmp_path / "secret.py", "token = 'hunter2'\n")
+    (root / "inside.py").symlink_to(root / "a.py")  # within the root: read
+    (root / "creds.py").symlink_to(secret)  # outside: skipped and counted
+    (root / "pkg").mkdir()
+    (root / "pkg" / "up.py").symlink_to("../../secret.py")
+    art = run_stage(FilesSource(root=str(root)), tmp_path / "run", max_skip_fraction=0.9)
+    assert [d["path"] for d in iter_documents(art.path)] == ["a.py", "inside.py"]
+    assert art.manifest["counts"]["skipped.symlink_outside_root"] == 2
+    assert "hunter2" not in "".join(texts(art))
+    follow = FilesSource(root=str(root), follow_symlinks_outside_root=True)
+    art = run_stage(follow, tmp_path / "follow")
+    assert [d["path"] for d in iter_documents(art.path)] == ["a.py", "creds.py", "inside.py",
+                                                             "pkg/up.py"]
+    assert "skipped.symlink_outside_root" not in art.manifest["counts"]
+
+
 def test_source_fsspec_url(tmp_path):
     root = make_tree(tmp_path / "corpus")
     art = run_stage(FilesSource(root=f"file://{root}", include=["a.py", "pkg/b.py"]),
@@ -182,7 +201,7 @@ def test_length_and_code_quality_reasons():
     assert length.reason({"text": "one line only"}) == "too_few_lines"
     assert length.reason({"text": "a\nb\nc\nd\n"}) == "too_many_lines"
     assert length.reason({"text": "a = 1\nb = 2\n"}) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(RecipeError, match="min_chars"):
         LengthFilter(min_chars=10, max_chars=5)
 
     q = CodeQualityFilter(max_line_length=40, max_mean_line_length=20, autogen_header_lines=2)
@@ -301,7 +320,7 @@ def test_components_are_registered(pm):
         assert reg.find("stage", name) is not None
     built = reg.build("document_filter", {"name": "code_quality", "min_alnum_fraction": 0.3})
     assert isinstance(built, CodeQualityFilter) and built.min_alnum_fraction == 0.3
-    assert FilterStage.subcomponents == {"filters": "document_filter"}
+    assert FilterStage.subcomponent_params() == {"filters": (DocumentFilter, True)}
 
 
 def test_source_survives_corrupt_jsonl(tmp_path):

@@ -318,9 +318,20 @@ def test_generate_until_greedy(lm, tok):
 # -- the lm_eval stage ---------------------------------------------------------------------
 
 
-def test_lm_eval_fingerprint_covers_task_files():
+def test_lm_eval_fingerprint_covers_task_files(tmp_path, monkeypatch):
+    import shutil
+
+    import recipe_engine_plugins.evaluation as evaluation
+
     extra = LmEval().fingerprint_extra()
     assert len(extra) == 64 and extra == LmEval(limit=3).fingerprint_extra()
+    copy = tmp_path / "tasks"
+    shutil.copytree(evaluation.TASKS_DIR, copy)
+    monkeypatch.setattr(evaluation, "TASKS_DIR", copy)
+    assert LmEval().fingerprint_extra() == extra  # same content, other place: same digest
+    test_file = copy / "python_basics" / "test.jsonl"
+    test_file.write_text(test_file.read_text().replace('"label": 0', '"label": 1', 1))
+    assert LmEval().fingerprint_extra() != extra  # one edited item: the stage reruns
 
 
 def test_flatten_results():

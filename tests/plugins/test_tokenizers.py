@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recipe_engine import StageError
+from recipe_engine import RecipeError, StageError
 from recipe_engine.artifacts import iter_documents, part_name, write_documents
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
@@ -117,11 +117,11 @@ def test_registered_and_light():
 
 
 def test_bad_params_rejected():
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(RecipeError, match="vocab_size"):
         SentencePieceBPE(vocab_size=100)
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(RecipeError, match="val_fraction"):
         MDSShards(val_fraction=1.0)
-    with pytest.raises(ValueError, match="size_limit"):
+    with pytest.raises(RecipeError, match="size_limit"):
         MDSShards(size_limit="lots")
     MDSShards(size_limit="1.5kb")
     MDSShards(size_limit=1 << 20)

@@ -15,11 +15,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
-
 import pytest
 
 from recipe_engine import Artifact, RecipeError, Stage, hookimpl
+from recipe_engine.component import instantiate
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
 
@@ -69,7 +68,7 @@ def stage(**params):
 
     base = {"model": MODEL, "optimizer": {"name": "adamw", "lr": 1e-2}, "global_batch_size": 16,
             "log_interval": 5, "device": "cpu"}
-    return ComposerTrain(**{**base, **params})
+    return instantiate(ComposerTrain, {**base, **params}, PluginManager().registry.build)
 
 
 def files(path: Path) -> dict[str, int]:
@@ -116,10 +115,8 @@ stages:
 
 
 @dataclass(kw_only=True)
-class FakeShards(Stage):
-    kind: ClassVar[str] = "source"
-    name: ClassVar[str] = "fake_shards"
-    output: ClassVar[str] = "shards"
+class FakeShards(Stage, name="fake_shards", output="shards"):
+    """Stands in for a shards stage in validation tests."""
 
 
 class FakeShardsPlugin:
@@ -138,14 +135,25 @@ def test_recipe_validation_reports_every_training_mistake(tmp_path):
     with pytest.raises(RecipeError) as e:
         validate(load(tmp_path / "t.yaml", [], pm.config_dirs()), pm.registry)
     text = str(e.value)
-    assert "lr must be > 0" in text
+    assert "stages.train.params.optimizer.lr: must be > 0" in text
     assert "unknown parallelism component 'fdsp'" in text and 'did you mean "fsdp"' in text
     # the stage's own checks run once its sub-components are valid
     (tmp_path / "t.yaml").write_text(RECIPE.replace("lr: -1", "lr: 0.001").replace("fdsp", "fsdp"))
     with pytest.raises(RecipeError) as e:
         validate(load(tmp_path / "t.yaml", [], pm.config_dirs()), pm.registry)
     assert "exactly one of max_duration" in str(e.value)
-    assert "save_interval '1.5ba': Composer counts ba in whole numbers" in str(e.value)
+    assert "params.save_interval: '1.5ba': Composer counts ba in whole numbers" in str(e.value)
+
+
+def test_degenerate_budgets_and_cpu_precision_fail_validation():
+    with pytest.raises(RecipeError, match="max_duration: '0ba' is zero"):
+        stage(max_duration="0ba")
+    with pytest.raises(RecipeError, match="save_interval: '0ba' is zero"):
+        stage(max_duration="10ba", save_interval="0ba")
+    with pytest.raises(RecipeError, match="precision: amp_bf16 needs a GPU"):
+        stage(max_duration="10ba", precision="amp_bf16")
+    with pytest.raises(RecipeError, match="device_microbatch_size: 5 does not divide"):
+        stage(max_duration="10ba", device_microbatch_size=5)
 
 
 def test_duration_in_batches():
@@ -207,7 +215,7 @@ def test_train_loss_goes_down_and_checkpoint_loads(tmp_path, zstd_shards):
                     {"shards": zstd_shards})
     meta, metrics = art.manifest["meta"], art.manifest["metrics"]
     reg = PluginManager().registry
-    num_params = reg.build("model", MODEL).num_params(VOCAB)  # type: ignore[attr-defined]
+    num_params = reg.build("model", MODEL).num_params(VOCAB)
     assert meta == {"vocab_size": VOCAB, "seq_len": SEQ_LEN, "bos_id": 1, "eos_id": 2, "pad_id": 0,
                     "num_params": num_params, "tokens_trained": 30 * 16 * SEQ_LEN, "steps": 30,
                     "resumed_from_step": 0}
@@ -225,7 +233,7 @@ def test_train_loss_goes_down_and_checkpoint_loads(tmp_path, zstd_shards):
     assert all(p.dtype == torch.float32 for p in exported.parameters())
     ckpt = torch.load(tmp_path / "work" / "checkpoints" / "latest-rank0.pt", map_location="cpu",
                       weights_only=False)
-    trained = reg.build("model", MODEL).build(VOCAB, SEQ_LEN)  # type: ignore[attr-defined]
+    trained = reg.build("model", MODEL).build(VOCAB, SEQ_LEN)
     trained.load_state_dict({k.removeprefix("model."): v
                              for k, v in ckpt["state"]["model"].items()})
     tokens = torch.randint(0, VOCAB, (2, SEQ_LEN))
@@ -238,6 +246,8 @@ CRASHING_RUN = """
 import json, sys, time
 from pathlib import Path
 from recipe_engine import Artifact
+from recipe_engine.component import instantiate
+from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
 from recipe_engine_plugins.training import ComposerTrain, trainer
 
@@ -248,7 +258,8 @@ def slow_batch_end(self, state, logger):  # leave the test time to kill us mid-r
     time.sleep(0.1)
 trainer.StageProgress.batch_end = slow_batch_end
 shards = Artifact(kind="shards", path=Path(spec["shards"]), manifest=spec["manifest"])
-run_stage(ComposerTrain(**spec["params"]), Path(spec["root"]), {"shards": shards})
+stage = instantiate(ComposerTrain, spec["params"], PluginManager().registry.build)
+run_stage(stage, Path(spec["root"]), {"shards": shards})
 """
 
 

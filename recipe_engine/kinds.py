@@ -1,0 +1,56 @@
+"""Base classes of the sub-component kinds that several plugins share.
+
+A plugin subclasses one of these to add a component of that kind; a stage annotates a
+parameter with the base (``filters: list[DocumentFilter]``, ``model: ModelConfig``) to take
+any registered component of it. Importable from ``recipe_engine``; nothing here imports an
+ML framework (implementations import theirs inside methods).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from .component import Component
+
+
+@dataclass(kw_only=True)
+class DocumentFilter(Component, kind="document_filter"):
+    """Keep or drop one document. Subclasses implement ``reason`` and nothing else; the
+    bookkeeping is here, as in datatrove's ``BaseFilter``."""
+
+    def reason(self, doc: dict[str, Any]) -> str | None:
+        """``None`` to keep ``doc``; otherwise a short drop reason (``"too_short"``)."""
+        raise NotImplementedError
+
+    def apply(self, docs: Iterable[dict[str, Any]], counts: Counter[str], label: str = ""
+              ) -> Iterator[tuple[dict[str, Any], str | None]]:
+        """Yield ``(doc, None)`` for kept documents and ``(doc, reason)`` for dropped ones,
+        counting ``<label>.kept``, ``<label>.dropped`` and ``<label>.dropped.<reason>``."""
+        label = label or self.name
+        for doc in docs:
+            why = self.reason(doc)
+            if why is None:
+                counts[f"{label}.kept"] += 1
+            else:
+                counts[f"{label}.dropped"] += 1
+                counts[f"{label}.dropped.{why}"] += 1
+            yield doc, why
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Component, kind="model"):
+    """An architecture: its fields are the recipe's ``model:`` group. The vocabulary size is
+    never written in a recipe: it flows from the tokenizer artifact."""
+
+    def build(self, vocab_size: int, max_seq_len: int) -> Any:
+        """The ``torch.nn.Module`` (imports torch inside)."""
+        raise NotImplementedError
+
+    def num_params(self, vocab_size: int, embeddings: bool = True) -> int:
+        """Exact parameter count (for the planner, Chinchilla ratios and MFU)."""
+        raise NotImplementedError
+
+    def flops_per_token(self, vocab_size: int, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward)."""
+        raise NotImplementedError
