@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--store", metavar="DIR", help="store root (default: $RECIPE_STORE or ./recipe_store)")
 
-    pg = sub.add_parser("plugins", help="list registered components: kind, name, version, package")
+    pg = sub.add_parser("plugins", help="list installed plugin packages: components, config "
+                        "groups, artifact kinds and hooks of each")
     pg.add_argument("--json", action="store_true", help="print as JSON")
     return p
 
@@ -72,6 +73,26 @@ def _stdout_to_stderr() -> Iterator[Any]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _log_to(progress: Any) -> Iterator[None]:
+    """Print the ``recipe_engine`` loggers' records (stages' ``ctx.log``, store warnings)
+    through the progress display while a run lasts."""
+    import logging
+
+    logger = logging.getLogger("recipe_engine")
+    handler = progress.handler()
+    logger.addHandler(handler)
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
 def _plugin_manager() -> Any:
     from .plugins import PluginManager
 
@@ -83,22 +104,42 @@ def _load(args: argparse.Namespace, pm: Any) -> Any:
     from .validate import validate
 
     loaded = config.load(args.recipe, args.overrides, pm.config_dirs())
-    return validate(loaded, pm.registry)
+    return validate(loaded, pm.registry, pm.hook.recipe_default_executor())
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     pm = _plugin_manager()
-    rows = [{"kind": r.kind, "name": r.name, "version": r.version, "package": r.package,
-             "description": r.cls.description} for r in pm.registry.all()]
+    packages = pm.describe()["packages"]
     if args.json:
-        print(json.dumps({"components": rows, "config_dirs": pm.config_dirs()}, indent=2))
+        # top-level "components" and "config_dirs": the format before per-package listing
+        rows = [{**c, "package": p["name"]} for p in packages for c in p["components"]]
+        print(json.dumps({"packages": packages, "components": rows,
+                          "config_dirs": pm.config_dirs()}, indent=2))
         return EXIT_OK
-    widths = [max([len(h)] + [len(str(r[h])) for r in rows]) for h in ("kind", "name", "version", "package")]
-    head = ("KIND", "NAME", "VERSION", "PACKAGE")
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  DESCRIPTION")
-    for r in rows:
-        cells = [str(r[h]) for h in ("kind", "name", "version", "package")]
-        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + r["description"])
+    cols = ("kind", "name", "version")
+    widths = [max([len(h)] + [len(str(c[h])) for p in packages for c in p["components"]])
+              for h in cols]
+    for i, p in enumerate(packages):
+        print(("\n" if i else "") + f"{p['name']} {p['version']}  {p['location']}".rstrip())
+        if p["components"]:
+            print("  components:")
+            print("    " + "  ".join(h.upper().ljust(w) for h, w in zip(cols, widths)) + "  DESCRIPTION")
+            for c in p["components"]:
+                cells = "  ".join(str(c[h]).ljust(w) for h, w in zip(cols, widths))
+                print(f"    {cells}  {c['description']}".rstrip())
+        if p["config_dirs"]:
+            print(f"  config dirs: {', '.join(p['config_dirs'])}")
+        if p["config_groups"]:
+            print("  config groups:")
+            for group, options in p["config_groups"].items():
+                print(f"    {group}: {', '.join(options)}")
+        if p["artifact_kinds"]:
+            width = max(map(len, p["artifact_kinds"]))
+            print("  artifact kinds:")
+            for kind, description in p["artifact_kinds"].items():
+                print(f"    {kind.ljust(width)}  {description}")
+        if p["hooks"]:
+            print(f"  hooks: {', '.join(p['hooks'])}")
     return EXIT_OK
 
 
@@ -146,9 +187,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     force = set(args.force)
 
     def job(loaded: Any) -> dict:
-        recipe = validate(loaded, pm.registry)
+        recipe = validate(loaded, pm.registry, pm.hook.recipe_default_executor())
         progress = Progress(len(recipe.stages), enabled=not args.quiet)
-        return run(recipe, pm, store, force=force, until=args.until, progress=progress)
+        with _log_to(progress):
+            return run(recipe, pm, store, force=force, until=args.until, progress=progress)
 
     out = contextlib.nullcontext(sys.stdout) if not args.json else _stdout_to_stderr()
     with out as real_stdout:

@@ -1,10 +1,11 @@
-import importlib.metadata
 import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
+
+from recipe_engine.testing import fake_entry_point  # noqa: F401  (tests import it from here)
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -13,30 +14,6 @@ sys.path.insert(0, str(TESTS))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def fake_entry_point(monkeypatch, name: str, value: str, dist_name: str = "toy-tests"):
-    """Make ``importlib.metadata.entry_points`` also report a plugin, as if pip-installed."""
-    real = importlib.metadata.entry_points
-    ep = importlib.metadata.EntryPoint(name=name, value=value, group="recipe_engine.plugins")
-
-    class _Dist:  # what EntryPoint.dist offers that we read
-        def __init__(self, n):
-            self.name = n
-
-    object.__setattr__(ep, "dist", _Dist(dist_name)) if hasattr(ep, "dist") else None
-    try:
-        ep = ep._for(_Dist(dist_name))  # type: ignore[attr-defined]
-    except Exception:
-        pass
-
-    def entry_points(**kw):
-        eps = real(**kw)
-        if kw.get("group") == "recipe_engine.plugins":
-            return list(eps) + [ep]
-        return eps
-
-    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
 
 
 @pytest.fixture
