@@ -3,19 +3,21 @@
 The core (this package) resolves recipes, validates them against registered components,
 fingerprints and caches stages, and runs them. It imports no ML framework.
 
-The public API for plugin authors is what this module exports, plus the artifact readers
-and writers in ``recipe_engine.artifacts`` and the helpers in ``recipe_engine.testing``.
+The public API for plugin authors is what this module exports, plus the modules
+``recipe_engine.artifacts`` (artifact layouts, readers and writers), ``recipe_engine.tokenizer``
+(the runtime tokenizer), ``recipe_engine.fsutil`` (atomic writes) and ``recipe_engine.testing``
+(helpers for plugin tests). Everything else is internal and may change.
 """
 from .component import (REQUIRED, Artifact, Component, Executor, Problems, Stage, StageContext,
-                        check_declaration)
+                        check_declaration, instantiate)
 from .errors import Problem, RecipeError, RecipeWarning, StageError, warn
 from .kinds import DocumentFilter, ModelConfig
-from .plugins import hookimpl
+from .plugins import PluginManager, hookimpl
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = [
     "REQUIRED", "Artifact", "Component", "DocumentFilter", "Executor", "ModelConfig", "Problem",
-    "Problems", "RecipeError", "RecipeWarning", "Stage", "StageContext", "StageError",
-    "Tokenizer", "check_declaration", "hookimpl", "warn", "__version__",
+    "PluginManager", "Problems", "RecipeError", "RecipeWarning", "Stage", "StageContext", "StageError",
+    "Tokenizer", "check_declaration", "hookimpl", "instantiate", "warn", "__version__",
 ]

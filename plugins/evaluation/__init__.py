@@ -1,4 +1,4 @@
-"""Built-in evaluation components (kind ``evaluate``).
+"""Built-in evaluation stages (output kind ``eval_report``).
 
 * ``heldout_eval``: loss and bits per byte of the trained model on the held-out documents the
   ``mds_shards`` stage set aside, beside zstd's bits per byte on the same documents.

@@ -25,7 +25,7 @@ def load_checkpoint(directory: Path, build: Callable[[Any, Any], Any] | None = N
 
     spec = read_model_spec(directory)
     if build is None:
-        from recipe_engine.plugins import PluginManager
+        from recipe_engine import PluginManager
 
         build = PluginManager().registry.build
     config = build(ModelConfig, {"name": spec["name"], **spec["params"]})

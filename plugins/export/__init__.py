@@ -1,4 +1,4 @@
-"""Built-in export components (kind ``export``).
+"""Built-in export stages (output kind ``export``).
 
 * ``hf_export``: a Hugging Face directory (``LlamaForCausalLM`` + a fast tokenizer) that
   ``AutoModelForCausalLM`` / ``AutoTokenizer`` and ``lm_eval --model hf`` load offline, with
@@ -9,6 +9,7 @@ torch and transformers are imported inside ``run``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 from recipe_engine import Problems, Stage, StageContext, hookimpl
@@ -25,10 +26,10 @@ class HFExport(Stage,
                output="export"):
     """Checkpoint + tokenizer -> a Hugging Face model directory (LlamaForCausalLM)."""
 
-    dtype: str = "float32"  # weights as saved: float32, bfloat16 or float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as saved
 
     def check(self, problems: Problems) -> None:
-        problems.require(self.dtype in DTYPES, "dtype",
+        problems.require(self.dtype in DTYPES, "dtype",  # also for direct construction
                          f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
 
     def run(self, ctx: StageContext) -> None:

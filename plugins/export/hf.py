@@ -150,7 +150,7 @@ def build_model(spec: dict[str, Any], build: Callable[[Any, Any], Any] | None = 
     """A fresh module for a model spec (``model.json``), from the registered model component.
     ``build``: a stage's ``ctx.build``; by default the installed plugins' registry."""
     if build is None:
-        from recipe_engine.plugins import PluginManager
+        from recipe_engine import PluginManager
 
         build = PluginManager().registry.build
     config = build(ModelConfig, {"name": spec["name"], **spec["params"]})

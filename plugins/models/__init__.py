@@ -104,7 +104,7 @@ def load_model(directory: Path, build: Callable[[Any, Any], Any] | None = None) 
 
     spec = read_model_spec(directory)
     if build is None:
-        from recipe_engine.plugins import PluginManager
+        from recipe_engine import PluginManager
 
         build = PluginManager().registry.build
     config = build(ModelConfig, {"name": spec["name"], **spec["params"]})

@@ -35,7 +35,15 @@ from recipe_engine.fsutil import atomic_write_json, atomic_writer
 
 VAL_DOCUMENTS_PER_PART = 10_000
 ENCODE_BATCH_BYTES = 8 << 20
-_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgt]i?)?b?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.I)
+
+
+def _size_bytes(text: str) -> float:
+    """Bytes in a size string as Streaming reads it (``kb`` is 1024 bytes)."""
+    m = _SIZE.match(text)
+    assert m, text
+    unit = (m.group(2) or "").lower()
+    return float(m.group(1)) * 1024 ** (" kmgt".index(unit[:1]) if unit else 0)
 
 
 def split_value(seed: int, doc_id: str) -> float:
@@ -177,7 +185,10 @@ class MDSShards(Stage,
         if isinstance(self.size_limit, int):
             problems.require(0 < self.size_limit < 2**32, "size_limit",
                              "must be between 1 byte and 4 GB (MDS offsets are uint32)")
-        elif not _SIZE.match(str(self.size_limit)):
+        elif _SIZE.match(str(self.size_limit)):
+            problems.require(_size_bytes(str(self.size_limit)) < 2**32, "size_limit",
+                             f"{self.size_limit!r} is 4 GB or more (MDS offsets are uint32)")
+        else:
             problems.add("size_limit", f"{self.size_limit!r} is not a size like '64mb' or "
                              "67108864")
 

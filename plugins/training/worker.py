@@ -23,8 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recipe_engine import Artifact, Executor, StageContext, StageError
-from recipe_engine.component import instantiate
+from recipe_engine import Artifact, Executor, StageContext, StageError, instantiate
 
 if TYPE_CHECKING:
     from . import ComposerTrain
@@ -134,7 +133,7 @@ def _exit_with_parent(pid: int, every: float = 5.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recipe_engine.plugins import PluginManager
+    from recipe_engine import PluginManager
 
     from .trainer import train
 

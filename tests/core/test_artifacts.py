@@ -364,3 +364,21 @@ def test_plugins_import_no_other_plugin():
             problems.append(f"plugins/{rel}:{line} imports {name}")
     assert not problems, ("built-in plugins exchange artifacts through recipe_engine.artifacts, "
                           "not through each other's modules:\n" + "\n".join(problems))
+
+
+# the core's public surface for plugins: the package itself and these modules
+PUBLIC_CORE = {"recipe_engine", "recipe_engine.artifacts", "recipe_engine.fsutil",
+               "recipe_engine.testing", "recipe_engine.tokenizer"}
+
+
+def test_plugins_import_only_the_public_core_api():
+    problems = []
+    for path in sorted([*(ROOT / "plugins").rglob("*.py"), *(ROOT / "examples").rglob("*.py")]):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                if name.split(".")[0] == "recipe_engine" and name not in PUBLIC_CORE:
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert not problems, "plugins use the public core API only:\n" + "\n".join(problems)
