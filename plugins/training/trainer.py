@@ -22,7 +22,7 @@ from composer.loggers import Logger
 from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from composer.utils import dist, reproducibility
 
-from recipe_engine import StageContext, StageError
+from recipe_engine import StageContext, StageError, warn
 
 if TYPE_CHECKING:
     from . import ComposerTrain
@@ -277,6 +277,9 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     pad_id = meta.get("pad_id")
     if not (isinstance(pad_id, int) and 0 <= pad_id < vocab_size
             and pad_id not in (meta.get("bos_id"), meta.get("eos_id"))):
+        if pad_id not in (None, -1):
+            warn(f"the shards' pad_id={pad_id!r} is not a usable id distinct from bos/eos "
+                 f"(vocab_size={vocab_size}); every target is scored")
         pad_id = None
     composer_model = CausalLM(module, pad_id)
 

@@ -212,6 +212,27 @@ def test_heldout_eval_stage(tmp_path, checkpoint, shards, tokenizer_artifact, to
     assert [r["model_bits"] for r in rows2] == pytest.approx([r["model_bits"] for r in rows[:2]])
 
 
+def test_clamped_stride_warns(tmp_path, checkpoint, shards, tokenizer_artifact):
+    from recipe_engine import RecipeWarning
+
+    inputs = {"checkpoint": checkpoint, "shards": shards, "tokenizer": tokenizer_artifact}
+    with pytest.warns(RecipeWarning, match="stride=1000 is longer than the model's context"):
+        art = run_stage(HeldoutEval(max_documents=1, stride=1000), tmp_path, inputs=inputs)
+    assert json.loads((art.path / "report.json").read_text())["settings"]["stride"] == 64
+
+
+def test_ignored_model_args_and_auto_batch_warn(checkpoint, tok):
+    from recipe_engine import RecipeWarning
+    from recipe_engine_plugins.evaluation.lm_eval_model import RecipeEngineLM
+
+    with pytest.warns(RecipeWarning, match="ignoring model_args \\['dtype'\\]"):
+        RecipeEngineLM(model=_model(checkpoint), tokenizer_obj=tok, device="cpu", dtype="bf16")
+    with pytest.warns(RecipeWarning, match="batch_size=auto is not supported"):
+        lm = RecipeEngineLM(model=_model(checkpoint), tokenizer_obj=tok, device="cpu",
+                            batch_size="auto")
+    assert lm.batch_size == 16
+
+
 def test_heldout_eval_rejects_other_tokenizer(tmp_path, checkpoint, shards, tokenizer_artifact):
     wrong = Artifact(kind="shards", path=shards.path,
                      manifest={"meta": {**shards.meta, "eos_id": shards.meta["eos_id"] + 7}})
