@@ -6,6 +6,7 @@ their work per part through the stage's executor, and resume per part after a cr
 """
 from recipe_engine import hookimpl
 
+from . import decontaminate, near_dedup, pii, quality
 from .dedup import ExactDedup
 from .filters import CodeQualityFilter, DocumentFilter, FilterStage, LengthFilter
 from .source import FilesSource
@@ -16,4 +17,6 @@ __all__ = ["CodeQualityFilter", "DocumentFilter", "ExactDedup", "FilesSource", "
 
 @hookimpl
 def recipe_components():
-    return [FilesSource, FilterStage, LengthFilter, CodeQualityFilter, ExactDedup]
+    return [FilesSource, FilterStage, LengthFilter, CodeQualityFilter, ExactDedup,
+            *quality.COMPONENTS, *near_dedup.COMPONENTS, *pii.COMPONENTS,
+            *decontaminate.COMPONENTS]

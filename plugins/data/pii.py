@@ -1,0 +1,2 @@
+"""(being written)"""
+COMPONENTS: list[type] = []
