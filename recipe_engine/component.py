@@ -13,8 +13,10 @@ it into a recipe parameter::
 Keywords: ``kind`` (on a base class: the family its subclasses belong to), ``name`` (the
 registered name; a class without one is abstract and cannot be registered), ``version``
 (default ``"1"``; bump it when the output for the same parameters changes), ``description``
-(default: the docstring's first line) and, on stages, ``inputs`` (slot -> artifact kind)
-and ``output`` (artifact kind). ``check_declaration`` states the rules; the registry applies
+(default: the docstring's first line), ``tracks_package_version`` (default true: the
+fingerprint also records the installed version of the component's package, so upgrading the
+package reruns its stages; false for components whose output the package version cannot
+change) and, on stages, ``inputs`` (slot -> artifact kind) and ``output`` (artifact kind). ``check_declaration`` states the rules; the registry applies
 it to every class a plugin registers.
 
 Two families:
@@ -81,10 +83,11 @@ class Component:
     name: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ""
+    tracks_package_version: ClassVar[bool] = True
 
     def __init_subclass__(cls, *, kind: str | None = None, name: str | None = None,
                           version: str | int | None = None, description: str | None = None,
-                          **kwargs: Any) -> None:
+                          tracks_package_version: bool | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         own = cls.__dict__
         clash = [k for k in METADATA if k in own.get("__annotations__", {}) or k in own]
@@ -96,6 +99,8 @@ class Component:
             cls.kind = kind
         cls.name = name or ""  # never inherited: a subclass without a name is abstract
         cls.version = str(version) if version is not None else "1"
+        if tracks_package_version is not None:
+            cls.tracks_package_version = tracks_package_version
         doc = (cls.__doc__ or "").strip().splitlines()
         cls.description = description if description is not None else (doc[0] if doc else "")
 

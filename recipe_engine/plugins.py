@@ -36,6 +36,7 @@ C = TypeVar("C", bound=Component)
 class Registered:
     cls: type[Component]
     package: str  # distribution that provided it
+    package_version: str = "?"
 
     @property
     def kind(self) -> str:
@@ -48,6 +49,15 @@ class Registered:
     @property
     def version(self) -> str:
         return self.cls.version
+
+    @property
+    def fingerprint_version(self) -> str:
+        """The version a fingerprint records: the component's own and, unless the class
+        declares ``tracks_package_version=False``, its package's installed version, so that
+        upgrading a plugin package reruns its stages."""
+        if not self.cls.tracks_package_version:
+            return self.cls.version
+        return f"{self.cls.version} ({self.package} {self.package_version})"
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,8 @@ class Registry:
                 key=f"plugin {package}",
                 message=f"{kind} component {cls.name!r} ({where}) is registered twice: "
                         f"by {other} and by {package}"))
-        table[cls.name] = Registered(cls, package)
+        info = _package_info(package)
+        table[cls.name] = Registered(cls, package, info.version if info else "?")
 
     def add_artifact_kinds(self, kinds: dict[str, str], package: str = "?") -> None:
         for kind, description in kinds.items():

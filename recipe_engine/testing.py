@@ -91,7 +91,7 @@ def _normalize(name: str) -> str:
 
 
 def fake_entry_point(monkeypatch: Any, name: str, value: str | object,
-                     dist_name: str = "toy-tests", *, version: str = "0.0.0",
+                     dist_name: str = "toy-tests", *, version: str | None = None,
                      location: str | Path | None = None,
                      group: str = ENTRY_POINT_GROUP) -> None:
     """Make ``importlib.metadata`` report an entry point ``name = value`` of distribution
@@ -115,9 +115,13 @@ def fake_entry_point(monkeypatch: Any, name: str, value: str | object,
         monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, finder])
     dist = finder.dists.get(dist_name)
     if dist is None:
-        dist = _FakeDistribution(dist_name, version, location or _module_dir(value) or ".")
+        dist = _FakeDistribution(dist_name, version or "0.0.0",
+                                 location or _module_dir(value) or ".")
         monkeypatch.setitem(finder.dists, dist_name, dist)
-    monkeypatch.setattr(dist, "_eps", [*dist._eps, (group, name, value)])
+    elif version is not None:  # the same distribution, upgraded
+        monkeypatch.setattr(dist, "_fake_version", version)
+    if (group, name, value) not in dist._eps:
+        monkeypatch.setattr(dist, "_eps", [*dist._eps, (group, name, value)])
 
 
 def _module_dir(value: str) -> Path | None:

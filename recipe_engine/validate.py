@@ -160,7 +160,7 @@ class _Checker:
             self.problem(f"{key}.name", f"{kind} component {name!r} ({reg.package}) is not a "
                          f"{base.__name__}, which this parameter needs")
             return None
-        versions[f"{kind}/{name}"] = reg.version
+        versions[f"{kind}/{name}"] = reg.fingerprint_version
         resolved = self.params(reg.cls, params, key, versions)
         return None if resolved is None else {"name": name, **resolved}
 
@@ -206,7 +206,7 @@ class _Checker:
             return None
         cls: type[Stage] = reg.cls  # type: ignore[assignment]
         inputs = self.inputs(cls, raw.get("inputs"), f"{key}.inputs", stages)
-        versions = {f"stage/{comp}": reg.version}
+        versions = {f"stage/{comp}": reg.fingerprint_version}
         params = self.params(cls, raw.get("params"), f"{key}.params", versions)
         executor_spec = raw.get("executor", default_executor)
         if executor_spec is None:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -144,12 +143,14 @@ class FilesSource(Stage,
 
 
 def list_files(root: str, include: list[str], exclude: list[str]) -> list[Entry]:
+    """The files under ``root`` (a directory or an fsspec URL) that ``include`` matches and
+    ``exclude`` does not, sorted by relative path. One walk through fsspec for local and
+    remote roots alike; directories no include pattern can reach, or that an ``x/**``
+    exclude removes, are not entered."""
     inc = [_glob_regex(p) for p in include]
     exc = [_glob_regex(p) for p in exclude]
-    if "://" in root:
-        entries = _list_remote(root)
-    else:
-        entries = _list_local(Path(root).expanduser(), include, exclude)
+    fs, base = _fsspec(root if "://" in root else os.path.expanduser(root))
+    entries = _walk(fs, base, root, include, exclude)
     return sorted(
         (e for e in entries
          if any(r.match(e.rel) for r in inc) and not any(r.match(e.rel) for r in exc)),
@@ -157,49 +158,37 @@ def list_files(root: str, include: list[str], exclude: list[str]) -> list[Entry]
     )
 
 
-def _list_local(root: Path, include: list[str], exclude: list[str]) -> Iterator[Entry]:
-    if not root.is_dir():
-        raise StageError(f"files_source: root {str(root)!r} is not a directory")
-    # skip whole directories that no include pattern can reach or an exclude "x/**" removes
-    inc_segments = [[_segment_regex(s) for s in p.split("/")] for p in include]
-    exc_dirs = [_glob_regex(p[:-3]) for p in exclude if p.endswith("/**")]
-    top = str(root)
-    for dirpath, dirnames, filenames in os.walk(top):
-        rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
-        rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        keep = []
-        for d in sorted(dirnames):
-            rel = rel_dir + d
-            parts = rel.split("/")
-            if any(r.match(rel) for r in exc_dirs):
-                continue
-            if any(_dir_may_match(parts, segs) for segs in inc_segments):
-                keep.append(d)
-        dirnames[:] = keep
-        for f in filenames:
-            path = os.path.join(dirpath, f)
-            try:
-                st = os.stat(path)
-            except OSError:  # a dangling link: the reader counts it as unreadable
-                yield Entry(rel_dir + f, -1, "")
-                continue
-            if stat.S_ISREG(st.st_mode):
-                yield Entry(rel_dir + f, st.st_size, str(st.st_mtime_ns))
-            elif not stat.S_ISDIR(st.st_mode):  # a fifo or device: never opened
-                yield Entry(rel_dir + f, -1, "")
+_STAMP_KEYS = ("mtime", "LastModified", "ETag", "etag", "created")
 
 
-def _list_remote(root: str) -> list[Entry]:
-    fs, base = _fsspec(root)
+def _walk(fs: Any, base: str, root: str, include: list[str], exclude: list[str]
+          ) -> Iterator[Entry]:
     if not fs.isdir(base):
         raise StageError(f"files_source: root {root!r} is not a directory")
     base = base.rstrip("/")
-    entries = []
-    for path, info in fs.find(base, detail=True).items():
-        stamp = next((str(info[k]) for k in ("mtime", "LastModified", "ETag", "etag", "created")
-                      if info.get(k) is not None), "")
-        entries.append(Entry(path[len(base):].lstrip("/"), int(info.get("size") or 0), stamp))
-    return entries
+    inc_segments = [[_segment_regex(s) for s in p.split("/")] for p in include]
+    exc_dirs = [_glob_regex(p[:-3]) for p in exclude if p.endswith("/**")]
+    for dirpath, dirs, files in fs.walk(base, detail=True):
+        rel_dir = dirpath.rstrip("/")[len(base):].strip("/")
+        rel_dir = rel_dir + "/" if rel_dir else ""
+        for d in sorted(dirs):  # prune in place, as os.walk allows
+            rel = rel_dir + d
+            if any(r.match(rel) for r in exc_dirs) or not any(
+                    _dir_may_match(rel.split("/"), segs) for segs in inc_segments):
+                del dirs[d]
+        for name, info in files.items():
+            if info.get("islink") and info.get("type") == "other":  # what does it point to?
+                try:
+                    info = fs.info(info.get("name") or f"{dirpath.rstrip('/')}/{name}")
+                except (OSError, ValueError):  # dangling
+                    info = {"type": "other"}
+                if info.get("type") == "directory":  # linked directories are not entered
+                    continue
+            if info.get("type") == "file":
+                stamp = next((str(info[k]) for k in _STAMP_KEYS if info.get(k) is not None), "")
+                yield Entry(rel_dir + name, int(info.get("size") or 0), stamp)
+            elif info.get("type") != "directory":  # a dangling link, fifo or device: the
+                yield Entry(rel_dir + name, -1, "")  # reader counts it, never opens it
 
 
 def _fsspec(root: str) -> tuple[Any, str]:

@@ -127,3 +127,27 @@ def test_progress_counts_only_the_selected_stages(toy):
     rc, out, err = toy("run", toy.recipe, "--until", "upper")
     assert rc == 0
     assert "[2/2] upper" in err and "/3]" not in err
+
+
+def test_a_new_plugin_package_version_reruns_its_stages(toy, monkeypatch):
+    from recipe_engine.testing import fake_entry_point
+
+    first = toy.run_json()
+    fake_entry_point(monkeypatch, "toy", "toy_plugin", version="0.0.1")  # the package upgraded
+    second = toy.run_json()
+    assert set(statuses(second).values()) == {"ran"}
+    assert [s["fingerprint"] for s in second["stages"]] != [s["fingerprint"] for s in first["stages"]]
+
+
+def test_components_may_opt_out_of_package_versions():
+    from dataclasses import dataclass
+
+    from recipe_engine import Stage
+    from recipe_engine.plugins import Registered
+
+    @dataclass(kw_only=True)
+    class Stable(Stage, name="stable", output="documents", tracks_package_version=False):
+        """Output fixed by its own version alone."""
+
+    assert Registered(Stable, "pkg", "1.0").fingerprint_version == \
+        Registered(Stable, "pkg", "2.0").fingerprint_version == "1"
