@@ -1,4 +1,4 @@
-"""``recipe``: run, plan and validate recipes; list plugins.
+"""``recipe``: run, plan and validate recipes; list plugins; verify, list and clean the store.
 
 Start-up stays light: nothing here imports an ML framework, and Hydra is imported only by
 the commands that read a recipe.
@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON summary on stdout; logs go to stderr")
     r.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="rerun STAGE and everything downstream even if cached ('*' for all); repeatable")
+    r.add_argument("--fresh", action="append", default=[], metavar="STAGE",
+                   help="if STAGE runs, start it from empty scratch instead of resuming an "
+                   "earlier attempt ('*' for all); repeatable")
     r.add_argument("--until", metavar="STAGE", help="run only STAGE and the stages it depends on")
     r.add_argument("--store", metavar="DIR", help="store root (default: $RECIPE_STORE or ./recipe_store)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -51,7 +55,40 @@ def _parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("plugins", help="list installed plugin packages: components, config "
                         "groups, artifact kinds and hooks of each")
     pg.add_argument("--json", action="store_true", help="print as JSON")
+
+    def store_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--store", metavar="DIR",
+                        help="store root (default: $RECIPE_STORE or ./recipe_store)")
+        sp.add_argument("--json", action="store_true", help="print as JSON")
+
+    ve = sub.add_parser("verify", help="re-hash committed artifacts against their manifests; "
+                        "exit 1 if any is damaged")
+    ve.add_argument("targets", nargs="*", metavar="RECIPE|STAGE|FP",
+                    help="a recipe .yaml, then some of its stages (default: all) and Hydra "
+                    "overrides; or fingerprint prefixes (as `recipe ls` shows them)")
+    ve.add_argument("--all", action="store_true", help="every artifact in the store")
+    store_args(ve)
+
+    ls = sub.add_parser("ls", help="list the store's artifacts: recipe, stage, kind, size, age "
+                        "and what references them")
+    store_args(ls)
+
+    gc = sub.add_parser("gc", help="remove artifacts, work dirs and trash that no recipe index "
+                        "and no recipe's last run references")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go and the bytes freed")
+    gc.add_argument("--keep", action="append", default=[], metavar="FP_PREFIX",
+                    help="also keep artifacts whose fingerprint starts so; repeatable")
+    gc.add_argument("--keep-runs", type=_positive_int, default=1, metavar="N",
+                    help="keep what each recipe's N most recent runs reference (default 1; the "
+                    "jobs of one multirun are one run)")
+    store_args(gc)
     return p
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 @contextlib.contextmanager
@@ -184,13 +221,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     pm = _plugin_manager()
     store = Store(args.store)
-    force = set(args.force)
+    force, fresh = set(args.force), set(args.fresh)
+    invocation = uuid.uuid4().hex[:16]  # the jobs of a multirun are one run (for `recipe gc`)
 
     def job(loaded: Any) -> dict:
         recipe = validate(loaded, pm.registry, pm.hook.recipe_default_executor())
         progress = Progress(len(recipe.stages), enabled=not args.quiet)
         with _log_to(progress):
-            return run(recipe, pm, store, force=force, until=args.until, progress=progress)
+            return run(recipe, pm, store, force=force, until=args.until, progress=progress,
+                       fresh=fresh, invocation=invocation)
 
     out = contextlib.nullcontext(sys.stdout) if not args.json else _stdout_to_stderr()
     with out as real_stdout:
@@ -232,15 +271,176 @@ def _print_summary(result: dict[str, Any]) -> None:
             print(f"  error: {s['error']}")
 
 
+# -- the store: verify, ls, gc ------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _where(row: dict[str, Any]) -> str:
+    return f"{row.get('recipe') or '?'}/{row.get('stage') or '?'}"
+
+
+def _verify_recipe(store: Any, path: str, rest: list[str]) -> list[dict[str, Any]]:
+    from . import config
+    from .errors import Problem, RecipeError, did_you_mean
+    from .runner import compute_fingerprints
+    from .safety import NAME_RE
+    from .validate import validate
+
+    pm = _plugin_manager()
+    stages = [t for t in rest if NAME_RE.match(t)]
+    overrides = [t for t in rest if not NAME_RE.match(t)]
+    loaded = config.load(path, overrides, pm.config_dirs())
+    recipe = validate(loaded, pm.registry, pm.hook.recipe_default_executor())
+    unknown = [s for s in stages if s not in recipe.stages]
+    if unknown:
+        raise RecipeError([Problem(key=s, message=f"no stage named {s!r} in {path} (stages: "
+                                   f"{', '.join(recipe.stages)}){did_you_mean(s, recipe.stages)}")
+                           for s in unknown])
+    fps = compute_fingerprints(recipe, pm)
+    return [{**store.verify(fps[name]), "recipe": recipe.name, "stage": name}
+            for name in stages or recipe.stages]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import re
+
+    from .store import Store, describe_problems
+
+    store = Store(args.store)
+    targets = list(args.targets)
+    if args.all == bool(targets):
+        print("error: give a recipe (recipe verify RECIPE [STAGE ...]), fingerprint prefixes, "
+              "or --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.all:
+        rows = [store.verify(fp) for fp in store.fingerprints()]
+    elif targets[0].endswith((".yaml", ".yml")) or Path(targets[0]).is_file():
+        rows = _verify_recipe(store, targets[0], targets[1:])
+    else:
+        rows = []
+        known = store.fingerprints()
+        for t in targets:
+            if not re.fullmatch(r"[0-9a-f]{4,64}", t):
+                print(f"error: {t!r} is neither a recipe file nor a fingerprint prefix (four or "
+                      "more hex digits)", file=sys.stderr)
+                return EXIT_USAGE
+            rows += [store.verify(fp) for fp in known if fp.startswith(t)] or [store.verify(t)]
+    damaged = [r for r in rows if r["status"] == "damaged"]
+    if args.json:
+        print(json.dumps({"store": str(store.root), "ok": not damaged, "artifacts": rows},
+                         indent=2, default=str))
+        return EXIT_FAILED if damaged else EXIT_OK
+    width = max([len(_where(r)) for r in rows] + [5])
+    for r in rows:
+        what = (f"{r['files']} file{'s' * (r['files'] != 1)}, {_size(r['bytes'])}"
+                if r["status"] != "absent" else "not committed")
+        status = "DAMAGED" if r["status"] == "damaged" else r["status"]
+        print(f"{status:<8} {r['fingerprint'][:12]:<12}  {_where(r):<{width}}  {what}")
+        for p in r["problems"]:
+            print(f"{'':<24}{describe_problems([p])}")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "damaged", "absent")}
+    print(f"{len(rows)} artifacts: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+          + f"  (store {store.root})")
+    if damaged:
+        print(f"error: {len(damaged)} damaged; a run recomputes them (a damaged artifact is "
+              "never reused)", file=sys.stderr)
+    return EXIT_FAILED if damaged else EXIT_OK
+
+
+def _tags(reasons: list[str]) -> str:
+    tags = []
+    for r in reasons:
+        tag = ("index" if r.startswith("index") else "live" if r.startswith("live")
+               else "last-run" if r.startswith("last") else "run")
+        if tag not in tags:
+            tags.append(tag)
+    return ",".join(tags) or "-"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    store = Store(args.store)
+    listing = store.listing()
+    for e in listing["errors"]:
+        print(f"warning: {e}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(listing, indent=2, default=str))
+        return EXIT_OK
+    cols = ("FINGERPRINT", "RECIPE", "STAGE", "COMPONENT", "KIND", "SIZE", "AGE", "REFERENCED")
+    rows = [(a["fingerprint"][:12], a["recipe"] or "?", a["stage"] or "?", a["component"] or "?",
+             a["kind"] or "?", _size(a["bytes"]), _age(a["age"]),
+             _tags(a["referenced_by"]) + ("" if a["manifest"] == "ok" else f"  ({a['manifest']})"))
+            for a in sorted(listing["artifacts"], key=lambda a: (str(a["recipe"]),
+                                                                 str(a["stage"]), a["age"]))]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols[:-1])]
+    for r in [cols, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    work = listing["work"]
+    print(f"{len(rows)} artifacts, {_size(sum(a['bytes'] for a in listing['artifacts']))}; "
+          f"{len(work)} work dirs, {_size(sum(w['bytes'] for w in work))}; trash "
+          f"{_size(listing['trash_bytes'])}; total {_size(listing['bytes'])}  (store {store.root})")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    if any(not k for k in args.keep):
+        print("error: --keep takes a fingerprint prefix, not an empty string", file=sys.stderr)
+        return EXIT_USAGE
+    store = Store(args.store)
+    result = store.gc(keep=args.keep, keep_runs=args.keep_runs, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    if result["errors"]:
+        for e in result["errors"]:
+            print(f"error: {e}", file=sys.stderr)
+        print("error: gc removes nothing while the store's references cannot all be read; fix "
+              "or remove the files above", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "removed"
+    for a in result["artifacts"]:
+        print(f"{verb}  {a['fingerprint'][:12]}  {_where(a)}  {_size(a['bytes'])}")
+    for w in result["work"]:
+        print(f"{verb}  work/{w['fingerprint'][:12]}  {_size(w['bytes'])}")
+    for b in result["busy"]:
+        print(f"busy (in use by a run; kept)  {b['in']}/{b['fingerprint'][:12]}")
+    print(f"{'would free' if args.dry_run else 'freed'} {_size(result['freed_bytes'])}: "
+          f"{len(result['artifacts'])} artifacts, {len(result['work'])} work dirs, trash "
+          f"{_size(result['trash_bytes'])}; kept {result['kept']} referenced artifacts"
+          f"  (store {store.root})")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (`recipe run r.yaml --json a=1`): keep them, in order
     flags = [a for a in extra if a.startswith("-")]
-    if flags or (extra and not hasattr(args, "overrides")):
+    rest = next((d for d in ("overrides", "targets") if hasattr(args, d)), None)
+    if flags or (extra and not rest):
         parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
     if extra:
-        args.overrides = list(args.overrides) + extra
+        setattr(args, rest, list(getattr(args, rest)) + extra)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
@@ -248,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
-                "plugins": cmd_plugins}[args.command](args)
+                "plugins": cmd_plugins, "verify": cmd_verify, "ls": cmd_ls,
+                "gc": cmd_gc}[args.command](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -175,7 +175,8 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
     stage = spec.instantiate(registry)
     executor = registry.build(Executor, spec.executor)
     # scratch is stamped with its inputs' contents: made from other bytes, it is not resumed
-    stamp = {"inputs": {slot: {"fingerprint": fps[up], "content": content_digest(artifacts[up].manifest)}
+    stamp = {"inputs": {slot: {"fingerprint": fps[up],
+                               "content": content_digest(artifacts[up].manifest)}
                         for slot, up in sorted(spec.inputs.items())}}
     out, scratch = store.begin(fp, stamp=stamp, fresh=fresh, name=spec.name)
     resumed = store.scratch_exists(fp)

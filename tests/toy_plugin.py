@@ -71,7 +71,7 @@ class ToyNeedsTokenizer(Stage,
 
 @hookimpl
 def recipe_components():
-    return [ToyNumbers, ToyMarker, ToyUpper, ToyReport, ToyNeedsTokenizer]
+    return [ToyNumbers, ToyMarker, ToyUpper, ToyReport, ToyNeedsTokenizer, ToyScratch]
 
 
 @hookimpl
@@ -79,3 +79,30 @@ def recipe_config_dirs():
     from pathlib import Path
 
     return [str(Path(__file__).parent / "recipes" / "toy_groups")]
+
+
+@dataclass(kw_only=True)
+class ToyScratch(Stage,
+                 name="toy_scratch",
+                 description="copies documents after `seconds`; shows the scratch it found",
+                 inputs={"documents": "documents"},
+                 output="documents"):
+    """Observes resume state: writes ``scratch_seen.json`` (the files its scratch held when
+    it started), leaves ``attempt.txt`` in scratch, and fails after that while the
+    environment variable ``TOY_SCRATCH_FAIL`` is set (outside the fingerprint)."""
+
+    seconds: float = 0.0
+
+    def run(self, ctx: StageContext) -> None:
+        import os
+        import time
+
+        seen = sorted(p.name for p in ctx.work.iterdir())
+        (ctx.work / "attempt.txt").write_text("an earlier attempt")
+        time.sleep(self.seconds)
+        if os.environ.get("TOY_SCRATCH_FAIL"):
+            raise StageError("toy failure requested (TOY_SCRATCH_FAIL)")
+        docs = list(iter_documents(ctx.inputs["documents"].path))
+        write_documents(ctx.output / part_name(0), docs)
+        (ctx.output / "scratch_seen.json").write_text(json.dumps(seen))
+        ctx.metrics["documents"] = len(docs)

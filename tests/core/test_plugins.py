@@ -217,7 +217,7 @@ def test_make_plugin_manager_registers_exactly_the_given_plugins():
 
     pm = make_plugin_manager(toy_plugin)
     assert pm.registry.names("stage") == ["toy_needs_tokenizer", "toy_numbers", "toy_report",
-                                          "toy_upper"]
+                                          "toy_scratch", "toy_upper"]
     assert pm.packages == {"toy_plugin": "toy_plugin"}
 
 
@@ -387,7 +387,11 @@ def test_cli_surface_is_frozen():
     surface = {name: sorted(o for a in sp._actions for o in a.option_strings)
                for name, sp in sub.choices.items()}
     assert surface == {
-        "run": ["--force", "--help", "--json", "--multirun", "--quiet", "--store", "--until", "-h", "-m", "-q"],
+        "run": ["--force", "--fresh", "--help", "--json", "--multirun", "--quiet", "--store", "--until",
+                "-h", "-m", "-q"],
+        "verify": ["--all", "--help", "--json", "--store", "-h"],
+        "ls": ["--help", "--json", "--store", "-h"],
+        "gc": ["--dry-run", "--help", "--json", "--keep", "--keep-runs", "--store", "-h"],
         "validate": ["--help", "-h"],
         "plan": ["--help", "--json", "--store", "-h"],
         "plugins": ["--help", "--json", "-h"],
