@@ -61,6 +61,9 @@ class FilesSource(Stage,
     max_file_bytes: int = 2_000_000  # text files (JSONL: each record's text) above are dropped
     docs_per_part: int = 500
     follow_symlinks_outside_root: bool = False  # read files linked from outside the root
+    # what tells the fingerprint a file changed: its bytes ("content"), its size and mtime or
+    # ETag ("stamp"), or content for local roots up to 1 GB of matched files ("auto")
+    change_detection: Literal["auto", "content", "stamp"] = "auto"
 
     def check(self, problems: Problems) -> None:
         problems.require(bool(self.include), "include", "must name at least one glob pattern")
@@ -79,13 +82,26 @@ class FilesSource(Stage,
         return list_files(self.root, self.include, self.exclude)
 
     def fingerprint_extra(self) -> str:
+        """A digest of the matched files: their paths and contents (so a file only touched,
+        or copied with a new mtime, changes nothing downstream), or their sizes and stamps
+        where reading everything is not cheap (``change_detection``)."""
         try:
             entries = self.list_files()
         except Exception as e:  # plan must work where the data is not (yet) reachable
             return f"unlisted: {type(e).__name__}: {e}"
-        h = hashlib.sha256()
+        mode = self.change_detection
+        if mode == "auto":
+            local = "://" not in self.root or self.root.startswith("file://")
+            total = sum(max(e.size, 0) for e in entries)
+            mode = "content" if local and total <= CONTENT_DIGEST_LIMIT else "stamp"
+        h = hashlib.sha256(mode.encode())
+        readable = (lambda rel: True) if self.follow_symlinks_outside_root or "://" in self.root \
+            else _inside(self.root)  # never read what the stage itself would not
         for e in entries:
-            h.update(f"{e.rel}\0{e.size}\0{e.stamp}\n".encode("utf-8", "surrogateescape"))
+            h.update(f"{e.rel}\0{e.size}\0".encode("utf-8", "surrogateescape"))
+            content = mode == "content" and e.size >= 0 and readable(e.rel)
+            h.update(_file_digest(self.root, e.rel) if content else e.stamp.encode())
+            h.update(b"\n")
         return h.hexdigest()
 
     def run(self, ctx: StageContext) -> None:
@@ -159,6 +175,20 @@ def list_files(root: str, include: list[str], exclude: list[str]) -> list[Entry]
 
 
 _STAMP_KEYS = ("mtime", "LastModified", "ETag", "etag", "created")
+CONTENT_DIGEST_LIMIT = 1 << 30  # change_detection "auto": hash local files up to 1 GB in all
+
+
+def _file_digest(root: str, rel: str) -> bytes:
+    """sha256 of one matched file (b"unreadable" when it cannot be read: the reader
+    counts it)."""
+    h = hashlib.sha256()
+    try:
+        with _open(root, rel) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return b"unreadable"
+    return h.digest()
 
 
 def _walk(fs: Any, base: str, root: str, include: list[str], exclude: list[str]

@@ -161,7 +161,7 @@ def test_fingerprint_extra_follows_the_files(tmp_path):
     assert fp2 != fp
     st = os.stat(root / "a.py")
     os.utime(root / "a.py", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, touched
-    assert stage.fingerprint_extra() != fp2
+    assert stage.fingerprint_extra() == fp2  # same bytes: nothing downstream reruns
     write(root / "new.py", "y = 2\n")
     assert stage.fingerprint_extra() not in (fp, fp2)
 
@@ -183,6 +183,21 @@ def test_source_skips_symlinks_outside_root(tmp_path):
     assert [d["path"] for d in iter_documents(art.path)] == ["a.py", "creds.py", "inside.py",
                                                              "pkg/up.py"]
     assert "skipped.symlink_outside_root" not in art.manifest["counts"]
+
+
+def test_source_fingerprint_follows_content_not_mtime(tmp_path):
+    root = tmp_path / "corpus"
+    a = write(root / "a.py", CODE)
+    source = FilesSource(root=str(root))
+    before = source.fingerprint_extra()
+    os.utime(a, ns=(1, 1))  # touched: same bytes, another mtime
+    assert source.fingerprint_extra() == before
+    write(a, CODE.replace("return", "yield"))  # same size class, other bytes
+    assert source.fingerprint_extra() != before
+    stamp = FilesSource(root=str(root), change_detection="stamp")
+    old = stamp.fingerprint_extra()
+    os.utime(a, ns=(2, 2))
+    assert stamp.fingerprint_extra() != old  # "stamp" trusts mtimes instead of reading
 
 
 def test_source_fsspec_url(tmp_path):
