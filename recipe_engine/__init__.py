@@ -10,7 +10,7 @@ The public API for plugin authors is what this module exports, plus the modules
 """
 from .component import (REQUIRED, Artifact, Component, Executor, Problems, Stage, StageContext,
                         check_declaration, instantiate)
-from .errors import Problem, RecipeError, RecipeWarning, StageError, warn
+from .errors import Problem, RecipeError, RecipeWarning, StageError, did_you_mean, warn
 from .kinds import DocumentFilter, ModelConfig
 from .plugins import PluginManager, hookimpl
 from .tokenizer import Tokenizer
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "REQUIRED", "Artifact", "Component", "DocumentFilter", "Executor", "ModelConfig", "Problem",
     "PluginManager", "Problems", "RecipeError", "RecipeWarning", "Stage", "StageContext", "StageError",
-    "Tokenizer", "check_declaration", "hookimpl", "instantiate", "warn", "__version__",
+    "Tokenizer", "check_declaration", "did_you_mean", "hookimpl", "instantiate", "warn", "__version__",
 ]
