@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any, TextIO
 
+from .redact import redact_text
+
 
 def _fmt_num(x: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -121,6 +123,6 @@ class _ProgressHandler(logging.Handler):
             prefix = f"[{where}] " if where else ""
             if record.levelno >= logging.WARNING:
                 prefix += f"{record.levelname.lower()}: "
-            self.progress.log(prefix + record.getMessage())
+            self.progress.log(redact_text(prefix + record.getMessage()))
         except Exception:
             self.handleError(record)

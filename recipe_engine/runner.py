@@ -15,6 +15,7 @@ from .component import Artifact, Executor, StageContext
 from .errors import RecipeError, StageError
 from .plugins import PluginManager
 from .progress import Progress
+from .redact import redact, redact_text
 from .store import Store, content_digest, fingerprint
 from .validate import Recipe, StageSpec
 
@@ -41,9 +42,9 @@ def compute_fingerprints(recipe: Recipe, pm: PluginManager) -> dict[str, str]:
         fps[name] = fingerprint({
             "component": spec.component.name,
             "versions": spec.versions,
-            "params": spec.params,
+            "params": spec.recorded_params,
             "inputs": {slot: fps[up] for slot, up in sorted(spec.inputs.items())},
-            "extra": stage.fingerprint_extra(),
+            "extra": redact(stage.fingerprint_extra()),
         })
     return fps
 
@@ -147,7 +148,7 @@ def run(
                     summary["stages"].append({"name": name, "component": spec.component.name,
                                               "fingerprint": fp, "status": "failed",
                                               "seconds": round(time.monotonic() - t0, 3),
-                                              "error": f"{type(e).__name__}: {e}"})
+                                              "error": redact_text(f"{type(e).__name__}: {e}")})
                     store.save_run(summary, live)
                     if isinstance(e, KeyboardInterrupt):
                         raise
@@ -211,9 +212,9 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
         "versions": spec.versions,
         "package": reg.package if reg else "?",
         "kind": spec.component.output,
-        "params": spec.params,
+        "params": spec.recorded_params,
         "inputs": {slot: {"stage": up, "fingerprint": fps[up]} for slot, up in spec.inputs.items()},
-        "extra": stage.fingerprint_extra(),
+        "extra": redact(stage.fingerprint_extra()),
         "meta": ctx.meta,
         "metrics": ctx.metrics,
         "counts": dict(sorted(ctx.counts.items())),
@@ -231,7 +232,7 @@ def format_error(e: BaseException) -> str:
     if isinstance(e, StageFailed):
         err = e.error
         if isinstance(err, (StageError, RecipeError)):
-            return f"stage {e.stage!r} failed: {err}"
+            return redact_text(f"stage {e.stage!r} failed: {err}")
         tb = "".join(traceback.format_exception(type(err), err, err.__traceback__)[-6:])
-        return f"stage {e.stage!r} failed: {type(err).__name__}: {err}\n{tb}"
-    return str(e)
+        return redact_text(f"stage {e.stage!r} failed: {type(err).__name__}: {err}\n{tb}")
+    return redact_text(str(e))

@@ -10,9 +10,10 @@ from typing import Any, Literal, Union
 
 from .component import REQUIRED, Component, Executor, Stage, instantiate
 from .config import LoadedRecipe
-from .errors import Problem, RecipeError, did_you_mean
+from .errors import Problem, RecipeError, did_you_mean, warn
 from .graph import topological_order
 from .plugins import Registry
+from .redact import ENV_PLACEHOLDER, recorded
 from .safety import check_names
 
 STAGE_KEYS = ("component", "inputs", "params", "executor", "description")
@@ -26,6 +27,8 @@ class StageSpec:
     inputs: dict[str, str]  # slot -> upstream stage name
     executor: dict[str, Any]
     versions: dict[str, str] = field(default_factory=dict)  # "kind/name" -> version used
+    # what manifests and fingerprints record of params: URLs redacted, ${oc.env:X} unresolved
+    recorded_params: dict[str, Any] = field(default_factory=dict)
 
     def instantiate(self, registry: Registry) -> Stage:
         """The stage component, its sub-components built."""
@@ -282,9 +285,60 @@ def validate(loaded: LoadedRecipe, registry: Registry, default_executor: Any = N
                             "the stages form a cycle: " + " -> ".join(cycle + [cycle[0]]))
     if checker.problems:
         raise RecipeError(checker.problems)
+    _check_requires(config.get("requires"), loaded)
+    env_config = _resolve_env_as_placeholders(loaded.cfg)
+    for name, spec in specs.items():
+        raw = ((env_config.get("stages") or {}).get(name) or {}).get("params") \
+            if isinstance(env_config, dict) else None
+        spec.recorded_params = recorded(spec.params, raw if isinstance(raw, dict) else {})
     max_skip = config.get("max_skip_fraction", 0.05)
     return Recipe(name=loaded.name, loaded=loaded, stages={n: specs[n] for n in order},
                   config=config, max_skip_fraction=float(max_skip))
+
+
+def _resolve_env_as_placeholders(cfg: Any) -> Any:
+    """The config resolved with every ``${oc.env:NAME}`` as a marker instead of its value
+    (what the store records); None when it does not resolve that way."""
+    from omegaconf import OmegaConf
+    from omegaconf.resolvers import oc
+
+    OmegaConf.clear_resolver("oc.env")
+    OmegaConf.register_new_resolver(
+        "oc.env", lambda key, default=None: f"{ENV_PLACEHOLDER}{key}\x00")
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return None
+    finally:
+        OmegaConf.clear_resolver("oc.env")
+        OmegaConf.register_new_resolver("oc.env", oc.env)
+
+
+def _check_requires(requires: Any, loaded: LoadedRecipe) -> None:
+    """``requires: {package: specifier}``: the plugin packages (and versions) a recipe was
+    written for. A missing package or another version is a warning, not an error."""
+    if not requires:
+        return
+    import importlib.metadata
+
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    if not isinstance(requires, dict):
+        raise RecipeError(Problem("requires", "a mapping of package -> version specifier "
+                                  "(requires: {recipe-engine: '>=0.1'})", loaded.locate("requires")))
+    for package, spec in requires.items():
+        try:
+            wanted = SpecifierSet(str(spec or ""))
+        except InvalidSpecifier:
+            raise RecipeError(Problem(f"requires.{package}", f"{spec!r} is not a version "
+                                      "specifier like '>=1.2,<2'", loaded.locate("requires")))
+        try:
+            installed = importlib.metadata.version(str(package))
+        except importlib.metadata.PackageNotFoundError:
+            warn(f"{loaded.path.name}: requires {package} {spec}, which is not installed")
+            continue
+        if installed not in wanted:
+            warn(f"{loaded.path.name}: written for {package} {spec}; installed: {installed}")
 
 
 def _resolve(cfg: Any, checker: _Checker) -> dict[str, Any]:

@@ -222,3 +222,72 @@ def test_waiting_on_a_lock_says_so(tmp_path, caplog):
     assert acquired.is_set()
     assert f"waiting for another run holding the lock on {fp[:12]} ({tmp_path / 'locks'}" \
         in caplog.text
+
+
+# -- credentials never land in manifests, fingerprints, summaries or logs ---------------------
+
+
+def test_redact_text_masks_userinfo_and_query_values():
+    from recipe_engine.redact import redact_text
+
+    assert redact_text("s3://AKIA:secret@bucket/x?sig=abc&v=1 and https://h/p") == \
+        "s3://***@bucket/x?sig=***&v=*** and https://h/p"
+    assert redact_text("no url here") == "no url here"
+
+
+def test_env_values_and_url_credentials_are_not_recorded(toy, tmp_path, monkeypatch):
+    import json
+    import textwrap
+
+    recipe = tmp_path / "cred.yaml"
+    recipe.write_text(textwrap.dedent("""
+        name: cred
+        stages:
+          numbers: {component: toy_numbers, params: {count: 2, prefix: "${oc.env:TOY_TOKEN}"}}
+          upper:
+            component: toy_upper
+            inputs: {documents: numbers}
+            params: {suffix: "s3://AKIAEXAMPLE:hunter2@bucket/x?sig=abc"}
+    """))
+    monkeypatch.setenv("TOY_TOKEN", "tok-one")
+    rc, out, err = toy("run", str(recipe), "--json")
+    assert rc == 0, err
+    first = json.loads(out)
+    store_text = "".join(p.read_text(errors="replace") for p in toy.store.rglob("*.json"))
+    assert "tok-one" not in store_text and "hunter2" not in store_text and "sig=abc" not in store_text
+    manifest = json.loads((toy.store / "artifacts" / first["stages"][0]["fingerprint"] /
+                           "manifest.json").read_text())
+    assert manifest["params"]["prefix"] == "${oc.env:TOY_TOKEN}"
+    # the stage itself got the real value
+    from recipe_engine.artifacts import iter_documents
+
+    docs = list(iter_documents(first["stages"][0]["artifact"]))
+    assert docs[0]["text"].startswith("tok-one")
+    # a rotated token does not change the fingerprint
+    monkeypatch.setenv("TOY_TOKEN", "tok-two")
+    rc, out, err = toy("run", str(recipe), "--json")
+    assert [s["status"] for s in json.loads(out)["stages"]] == ["cached", "cached"]
+
+
+def test_requires_pins_warn_on_mismatch(toy, tmp_path):
+    import textwrap
+
+    import pytest
+
+    from recipe_engine import RecipeWarning, config
+    from recipe_engine.plugins import PluginManager
+    from recipe_engine.validate import validate
+
+    recipe = tmp_path / "pinned.yaml"
+    recipe.write_text(textwrap.dedent("""
+        stages:
+          numbers: {component: toy_numbers, params: {count: 2}}
+        requires: {recipe-engine: ">=0.1", toy-tests: ">=9", not-a-package: "==1"}
+    """))
+    pm = PluginManager()
+    with pytest.warns(RecipeWarning) as caught:
+        validate(config.load(recipe, [], pm.config_dirs()), pm.registry, {"name": "serial"})
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "written for toy-tests >=9; installed: 0.0.0" in messages
+    assert "not-a-package ==1, which is not installed" in messages
+    assert "recipe-engine" not in messages  # satisfied
