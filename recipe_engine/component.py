@@ -143,14 +143,15 @@ class Component:
 
     def params(self) -> dict[str, Any]:
         """The parameters as a recipe would write them (sub-components as ``{name, ...}``)."""
-        return {name: _as_spec(getattr(self, name)) for name in self.params_spec()}
+        return {name: as_spec(getattr(self, name)) for name in self.params_spec()}
 
 
-def _as_spec(value: Any) -> Any:
+def as_spec(value: Any) -> Any:
+    """A parameter value as a recipe would write it: components become ``{name, ...}``."""
     if isinstance(value, Component):
         return {"name": value.name, **value.params()}
     if isinstance(value, (list, tuple)):
-        return [_as_spec(v) for v in value]
+        return [as_spec(v) for v in value]
     return value
 
 

@@ -8,7 +8,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from .component import REQUIRED, Component, Executor, Stage, instantiate
+from .component import REQUIRED, Component, Executor, Stage, as_spec, instantiate
 from .config import LoadedRecipe
 from .errors import Problem, RecipeError, did_you_mean, warn
 from .graph import topological_order
@@ -112,7 +112,7 @@ class _Checker:
         # subcomponents left at their defaults still need expanding
         for name, sub in subs.items():
             if name not in given and out.get(name) not in (None, REQUIRED):
-                default = _as_spec(out[name])
+                default = as_spec(out[name])
                 out[name] = self.subcomponents(sub, default, f"{key}.{name}", versions)
                 ok = ok and out[name] is not None
         if not ok:
@@ -368,15 +368,6 @@ def _resolve(cfg: Any, checker: _Checker) -> dict[str, Any]:
             return failed
 
     return walk(OmegaConf.to_container(cfg, resolve=False), "")
-
-
-def _as_spec(value: Any) -> Any:
-    """A sub-component default as a recipe would write it (instances become specs)."""
-    if isinstance(value, Component):
-        return {"name": value.name, **value.params()}
-    if isinstance(value, (list, tuple)):
-        return [_as_spec(v) for v in value]
-    return value
 
 
 def _short(e: Exception) -> str:
