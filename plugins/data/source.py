@@ -7,9 +7,15 @@ one. Patterns are globs relative to ``root`` with ``**`` for any number of direc
 (``s3://bucket/dir``) when the matching fsspec backend is installed.
 
 Files are read in sorted path order, in chunks through the stage's executor; each chunk
-becomes one or more parts. Malformed input (undecodable UTF-8, unreadable files, bad JSON,
-a missing or non-string text field) is skipped and counted as ``skipped.<reason>``; empty
-and oversized documents are dropped and counted as ``dropped.<reason>``.
+becomes one or more parts. Malformed input (undecodable UTF-8, unreadable files, binary
+files, bad JSON, a missing or non-string text field, a truncated or corrupt .gz/.zst) is
+skipped and counted as ``skipped.<reason>``; empty and oversized documents are dropped and
+counted as ``dropped.<reason>``.
+
+Memory is bounded per worker: a text file larger than ``max_file_bytes`` is dropped from its
+size, unread; a JSONL line longer than ``max_line_bytes(max_file_bytes)`` is dropped as it
+streams past, never held whole; a compressed JSONL file stops at ``max_decompressed_bytes``
+of decompressed data (a zip bomb), counted as ``skipped.decompressed_too_large``.
 
 Symbolic links are followed only within ``root``: a file whose real path lies outside the real
 root (``x.py -> ~/.aws/credentials``) is skipped and counted as
@@ -17,12 +23,12 @@ root (``x.py -> ~/.aws/credentials``) is skipped and counted as
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -36,6 +42,16 @@ from recipe_engine.artifacts import write_documents
 from ._parts import clear_parts, merge_counts, place_parts, run_tasks, task_key
 
 PART_BYTES = 64 << 20  # a chunk of text files (one part) holds at most this much, in memory
+BINARY_SNIFF_BYTES = 1024  # a NUL byte among a file's first bytes marks it binary
+MAX_DECOMPRESSED_BYTES = 10_000_000_000  # default cap on one compressed file's decompressed size
+ZSTD_FEED = 1024  # compressed bytes per decompression step (zstd inflates 1 KB to ~40 MB at most)
+
+
+def max_line_bytes(max_document_bytes: int) -> int:
+    """The longest JSONL line read: room for a document of ``max_document_bytes`` with every
+    character JSON-escaped (``\\u00XX``: 6 bytes) and 1 MiB of other fields; longer lines
+    are dropped (``dropped.too_large``) without being held in memory."""
+    return 6 * max_document_bytes + (1 << 20)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".ndjson")
 
 
@@ -59,6 +75,7 @@ class FilesSource(Stage,
     text_key: str = "text"  # JSONL: the field holding the text
     source_name: str = ""  # default: the root directory's name
     max_file_bytes: int = 2_000_000  # text files (JSONL: each record's text) above are dropped
+    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES  # a .gz/.zst file stops there
     docs_per_part: int = 500
     follow_symlinks_outside_root: bool = False  # read files linked from outside the root
     # what tells the fingerprint a file changed: its bytes ("content"), its size and mtime or
@@ -69,6 +86,8 @@ class FilesSource(Stage,
         problems.require(bool(self.include), "include", "must name at least one glob pattern")
         problems.require(self.docs_per_part >= 1, "docs_per_part", "must be positive")
         problems.require(self.max_file_bytes >= 1, "max_file_bytes", "must be positive")
+        problems.require(self.max_decompressed_bytes >= 1, "max_decompressed_bytes",
+                         "must be positive")
 
     @property
     def source(self) -> str:
@@ -89,20 +108,21 @@ class FilesSource(Stage,
             entries = self.list_files()
         except Exception as e:  # plan must work where the data is not (yet) reachable
             return f"unlisted: {type(e).__name__}: {e}"
-        mode = self.change_detection
-        if mode == "auto":
-            local = "://" not in self.root or self.root.startswith("file://")
-            total = sum(max(e.size, 0) for e in entries)
-            mode = "content" if local and total <= CONTENT_DIGEST_LIMIT else "stamp"
-        h = hashlib.sha256(mode.encode())
-        readable = (lambda rel: True) if self.follow_symlinks_outside_root or "://" in self.root \
-            else _inside(self.root)  # never read what the stage itself would not
-        for e in entries:
-            h.update(f"{e.rel}\0{e.size}\0".encode("utf-8", "surrogateescape"))
-            content = mode == "content" and e.size >= 0 and readable(e.rel)
-            h.update(_file_digest(self.root, e.rel) if content else e.stamp.encode())
-            h.update(b"\n")
-        return h.hexdigest()
+        return files_digest(self.root, entries, self.change_detection,
+                            self.follow_symlinks_outside_root)
+
+    def check_unchanged(self, before: list[Entry]) -> None:
+        """StageError when the listing (paths, sizes, stamps) differs from ``before``, the
+        one the stage read by: a file written meanwhile may have been read half old, half
+        new, and the fingerprint was made from what was there before."""
+        after = {e.rel: e for e in self.list_files()}
+        old = {e.rel: e for e in before}
+        changed = sorted(rel for rel in old.keys() | after.keys() if old.get(rel) != after.get(rel))
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more"
+                                              if len(changed) > 5 else "")
+            raise StageError(f"files_source: files changed while being read: {shown}; rerun "
+                             "once they stay put (the parts of unchanged files are kept)")
 
     def run(self, ctx: StageContext) -> None:
         entries = self.list_files()
@@ -111,6 +131,7 @@ class FilesSource(Stage,
                              f"include={self.include} exclude={self.exclude}")
         config = {"root": self.root, "source": self.source, "text_key": self.text_key,
                   "max_bytes": self.max_file_bytes, "per_part": self.docs_per_part,
+                  "max_decompressed": self.max_decompressed_bytes,
                   "follow_outside": self.follow_symlinks_outside_root, "work": str(ctx.work)}
         chunks: list[list[tuple[str, int, bool]]] = []
         chunk: list[tuple[str, int, bool]] = []
@@ -134,6 +155,7 @@ class FilesSource(Stage,
         ctx.log(f"{len(entries)} files under {self.root} in {len(tasks)} tasks")
         results = run_tasks(ctx, read_files, tasks, "source", "files",
                             weights=[len(files) for files in chunks])
+        self.check_unchanged(entries)
 
         clear_parts(ctx.output)
         files = [f for r in results for f in r["files"]]
@@ -172,6 +194,26 @@ def list_files(root: str, include: list[str], exclude: list[str]) -> list[Entry]
          if any(r.match(e.rel) for r in inc) and not any(r.match(e.rel) for r in exc)),
         key=lambda e: e.rel,
     )
+
+
+def files_digest(root: str, entries: list[Entry], change_detection: str,
+                 follow_outside: bool) -> str:
+    """A digest of listed files for a source's fingerprint: paths and contents, or sizes and
+    stamps where reading everything is not cheap (see ``FilesSource.change_detection``)."""
+    mode = change_detection
+    if mode == "auto":
+        local = "://" not in root or root.startswith("file://")
+        total = sum(max(e.size, 0) for e in entries)
+        mode = "content" if local and total <= CONTENT_DIGEST_LIMIT else "stamp"
+    h = hashlib.sha256(mode.encode())
+    readable = (lambda rel: True) if follow_outside or "://" in root \
+        else _inside(root)  # never read what the stage itself would not
+    for e in entries:
+        h.update(f"{e.rel}\0{e.size}\0".encode("utf-8", "surrogateescape"))
+        content = mode == "content" and e.size >= 0 and readable(e.rel)
+        h.update(_file_digest(root, e.rel) if content else e.stamp.encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 _STAMP_KEYS = ("mtime", "LastModified", "ETag", "etag", "created")
@@ -321,7 +363,8 @@ def _documents(task: dict[str, Any], counts: dict[str, int],
             bump("skipped.symlink_outside_root")
             continue
         if jsonl:
-            for doc in _jsonl_documents(root, rel, task["text_key"], counts, bump):
+            for doc in _jsonl_documents(root, rel, task["text_key"], counts, bump, max_bytes,
+                                        task.get("max_decompressed", MAX_DECOMPRESSED_BYTES)):
                 n = len(doc["text"].encode("utf-8"))
                 if n > max_bytes:
                     bump("dropped.too_large")
@@ -346,6 +389,9 @@ def _documents(task: dict[str, Any], counts: dict[str, int],
             continue
         if len(raw) > max_bytes:
             bump("dropped.too_large")
+            continue
+        if b"\x00" in raw[:BINARY_SNIFF_BYTES]:
+            bump("skipped.binary")
             continue
         try:
             text = raw.decode("utf-8")
@@ -379,7 +425,9 @@ RESERVED = ("id", "text", "source", "path")
 
 
 def _jsonl_documents(root: str, rel: str, text_key: str, counts: dict[str, int],
-                     bump: Any) -> Iterator[dict[str, Any]]:
+                     bump: Any, max_bytes: int = 2_000_000,
+                     max_decompressed: int = MAX_DECOMPRESSED_BYTES
+                     ) -> Iterator[dict[str, Any]]:
     """Records of one JSONL file as ``{"id": <line number>, "text": ..., <other fields>}``."""
     try:
         fh = _open(root, rel)
@@ -388,8 +436,14 @@ def _jsonl_documents(root: str, rel: str, text_key: str, counts: dict[str, int],
         bump("skipped.unreadable")
         return
     try:
-        with fh, _decompressed(fh, rel) as lines:
+        with fh:
+            lines = split_lines(decompressed_chunks(fh, rel, max_decompressed),
+                                max_line_bytes(max_bytes))
             for lineno, line in enumerate(lines, 1):
+                if line is None:  # longer than any record we keep: never held whole
+                    bump("records_in")
+                    bump("dropped.too_large")
+                    continue
                 if not line.strip():
                     continue
                 bump("records_in")
@@ -420,7 +474,10 @@ def _jsonl_documents(root: str, rel: str, text_key: str, counts: dict[str, int],
                     bump("skipped.bad_unicode")
                     continue
                 yield doc
-    except (OSError, EOFError, zstandard.ZstdError):  # truncated or corrupt: count the rest
+    except DecompressedTooLarge:  # a zip bomb, or a file larger than the cap
+        bump("records_in")
+        bump("skipped.decompressed_too_large")
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError):  # truncated or corrupt
         bump("records_in")
         bump("skipped.corrupt_file")
 
@@ -441,29 +498,83 @@ def _open(root: str, rel: str) -> Any:
     return open(os.path.join(os.path.expanduser(root), rel), "rb")
 
 
-def _decompressed(fh: Any, rel: str) -> Any:
+class DecompressedTooLarge(Exception):
+    """A compressed file decompressed to more than its cap."""
+
+
+def decompressed_chunks(fh: Any, rel: str, limit: int = MAX_DECOMPRESSED_BYTES,
+                        size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of an open file in chunks, decompressed by its suffix (``.zst``/``.zstd``,
+    ``.gz``); EOFError when a compressed stream is cut short, DecompressedTooLarge past
+    ``limit`` decompressed bytes (uncompressed files are not capped)."""
     if rel.endswith((".zst", ".zstd")):
-        return contextlib.nullcontext(_zstd_lines(fh))
-    if rel.endswith(".gz"):
-        return gzip.GzipFile(fileobj=fh)
-    return contextlib.nullcontext(fh)
+        chunks = _zstd_chunks(fh, size)
+    elif rel.endswith(".gz"):
+        gz = gzip.GzipFile(fileobj=fh)
+        chunks = iter(lambda: gz.read(size), b"")
+    else:
+        yield from iter(lambda: fh.read(size), b"")
+        return
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise DecompressedTooLarge(f"{rel}: more than {limit} bytes decompressed")
+        yield chunk
 
 
-def _zstd_lines(fh: Any) -> Iterator[bytes]:
-    """Lines of a file of one or more zstd frames; EOFError when the last frame is cut short
-    (zstandard's stream reader ends quietly there)."""
+def split_lines(chunks: Iterator[bytes], max_line: int) -> Iterator[bytes | None]:
+    """The ``\\n``-separated lines of a stream of chunks, without their newline; None in place
+    of a line longer than ``max_line`` bytes, whose bytes are dropped as they stream past."""
+    buf: list[bytes] = []
+    held = 0
+    skipping = False
+    for chunk in chunks:
+        pieces = chunk.split(b"\n")
+        if len(pieces) == 1:  # no line ends in this chunk
+            if not skipping:
+                buf.append(chunk)
+                held += len(chunk)
+                if held > max_line:
+                    skipping, buf, held = True, [], 0
+            continue
+        if skipping:
+            yield None
+            skipping = False
+        else:
+            line = b"".join(buf) + pieces[0] if buf else pieces[0]
+            yield line if len(line) <= max_line else None
+        for line in pieces[1:-1]:
+            yield line if len(line) <= max_line else None
+        tail = pieces[-1]
+        if len(tail) > max_line:
+            skipping, buf, held = True, [], 0
+        else:
+            buf, held = ([tail] if tail else []), len(tail)
+    if skipping:
+        yield None
+    elif buf:
+        yield b"".join(buf)
+
+
+def _zstd_chunks(fh: Any, size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed chunks of a file of one or more zstd frames; EOFError when the last frame
+    is cut short (zstandard's stream reader ends quietly there). The decompressor is fed
+    ``ZSTD_FEED`` bytes at a time, so one step inflates to tens of MB at most, bomb or not."""
     dctx = zstandard.ZstdDecompressor()
-    frame, in_frame, pending = dctx.decompressobj(), False, b""
-    while chunk := fh.read(1 << 20):
-        while chunk:
+    frame, in_frame = dctx.decompressobj(), False
+    while block := fh.read(size):
+        pos, carry = 0, b""
+        while carry or pos < len(block):
+            if carry:
+                piece, carry = carry, b""
+            else:
+                piece, pos = block[pos:pos + ZSTD_FEED], pos + ZSTD_FEED
             in_frame = True
-            pending += frame.decompress(chunk)
-            chunk = b""
+            out = frame.decompress(piece)
+            if out:
+                yield out
             if frame.eof:
-                chunk, frame, in_frame = frame.unused_data, dctx.decompressobj(), False
-        *lines, pending = pending.split(b"\n")
-        yield from lines
+                carry, frame, in_frame = frame.unused_data, dctx.decompressobj(), False
     if in_frame:
         raise EOFError("zstd frame cut short")
-    if pending:
-        yield pending
