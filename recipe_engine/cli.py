@@ -1,4 +1,5 @@
-"""``recipe``: run, plan and validate recipes; list plugins; verify, list and clean the store.
+"""``recipe``: run, plan and validate recipes; show a run's data funnel; list plugins; verify,
+list and clean the store.
 
 Start-up stays light: nothing here imports an ML framework, and Hydra is imported only by
 the commands that read a recipe.
@@ -51,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(pl)
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--store", metavar="DIR", help="store root (default: $RECIPE_STORE or ./recipe_store)")
+
+    sh = sub.add_parser("show", help="print the data funnel of a recipe's last run: documents "
+                        "and bytes in and out of each data stage, drop reasons, languages, "
+                        "duplicate clusters")
+    sh.add_argument("recipe", help="path to a recipe .yaml file")
+    sh.add_argument("overrides", nargs="*", metavar="STAGE|OVERRIDE",
+                    help="stages to show in detail, every reason and count (default: every "
+                    "data stage, the top reasons), and Hydra overrides, e.g. data.count=10")
+    sh.add_argument("--json", action="store_true", help="print the funnel as JSON")
+    sh.add_argument("--store", metavar="DIR", help="store root (default: $RECIPE_STORE or ./recipe_store)")
 
     pg = sub.add_parser("plugins", help="list installed plugin packages: components, config "
                         "groups, artifact kinds and hooks of each")
@@ -209,6 +220,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for k, v in p.estimates.items():
             if k != "meta":
                 print(f"       {k}: {v}")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from . import config
+    from .errors import Problem, RecipeError, did_you_mean
+    from .funnel import funnel, render
+    from .runner import compute_fingerprints
+    from .safety import NAME_RE
+    from .store import Store
+    from .validate import validate
+
+    pm = _plugin_manager()
+    stages = [t for t in args.overrides if NAME_RE.match(t)]
+    overrides = [t for t in args.overrides if not NAME_RE.match(t)]
+    loaded = config.load(args.recipe, overrides, pm.config_dirs())
+    recipe = validate(loaded, pm.registry, pm.hook.recipe_default_executor())
+    unknown = [s for s in stages if s not in recipe.stages]
+    if unknown:
+        raise RecipeError([Problem(key=s, message=f"no stage named {s!r} in {args.recipe} "
+                                   f"(stages: {', '.join(recipe.stages)})"
+                                   f"{did_you_mean(s, recipe.stages)}") for s in unknown])
+    store = Store(args.store)
+    result = funnel(recipe, compute_fingerprints(recipe, pm), store, stages or None)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(render(result, detail=bool(stages)))
     return EXIT_OK
 
 
@@ -449,9 +488,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
                 "plugins": cmd_plugins, "verify": cmd_verify, "ls": cmd_ls,
-                "gc": cmd_gc}[args.command](args)
+                "gc": cmd_gc, "show": cmd_show}[args.command](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        from .runner import DISK_FULL_HINT, disk_full
+
+        if not disk_full(e):
+            raise
+        print(f"error: {e} ({DISK_FULL_HINT})", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted; finished stages stay committed, the running one resumes next time",

@@ -235,6 +235,10 @@ class Executor(Component, kind="executor"):
         """Yield ``fn(item)`` for every item, in the order of ``items``."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release workers (a pool kept across ``map`` calls); the runner calls it when the
+        stage ends, however it ends."""
+
 
 ProgressFn = Callable[[str, float, "float | None", str], None]
 

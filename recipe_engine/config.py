@@ -186,10 +186,24 @@ def _check_name(loaded: LoadedRecipe) -> LoadedRecipe:
     return loaded
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What composing a recipe raises for a bad file: Hydra's and OmegaConf's errors, and what
+    they let through from reading YAML (a tag without a constructor, an integer of more than
+    4300 digits, a key that cannot be hashed)."""
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError,
+            RecursionError, AssertionError)  # Hydra asserts on some defaults-list values
+
+
 def _hydra_error(recipe: Path, e: Exception) -> RecipeError:
     msg = str(e).strip().splitlines()
     return RecipeError(Problem(key="recipe", file=str(recipe),
-                               message=" ".join(m.strip() for m in msg) or type(e).__name__))
+                               message=" ".join(m.strip() for m in msg) or
+                               f"Hydra cannot compose it ({type(e).__name__}); check its "
+                               "defaults list and interpolations"))
 
 
 def _search_path_override(config_dirs: list[str]) -> list[str]:
@@ -219,17 +233,15 @@ def _compose(recipe: Path, overrides: list[str], config_dirs: list[str]) -> tupl
 
 def load(path: str | os.PathLike, overrides: list[str], config_dirs: list[str]) -> LoadedRecipe:
     """Compose a recipe with Hydra for a single run."""
-    from hydra.errors import HydraException
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
 
     recipe = _check_recipe_path(path)
     overrides = list(overrides)
     _check_safe(recipe, overrides, config_dirs)
     try:
         cfg, loader = _compose(recipe, overrides, config_dirs)
-    except (HydraException, OmegaConfBaseException) as e:
+    except _load_errors() as e:
         raise _override_error(recipe, overrides, config_dirs, e) or _hydra_error(recipe, e) from e
     choices = dict(OmegaConf.to_container(cfg.hydra.runtime.choices, resolve=False))  # type: ignore
     with open_dict(cfg):
@@ -249,14 +261,23 @@ def _own_name(recipe: Path, overrides: list[str], cfg: Any) -> Any:
     line's ``name=``, else the ``name:`` in the recipe file itself, else the file's stem."""
     import yaml
 
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    def current() -> Any:  # interpolations left as they are: validation resolves them
+        try:
+            return cfg.get("name")
+        except OmegaConfBaseException:
+            return OmegaConf.to_container(cfg, resolve=False).get("name")
+
     if any(ov.split("=", 1)[0].lstrip("+~") == "name" for ov in overrides):
-        return cfg.get("name")
+        return current()
     try:
         own = yaml.safe_load(recipe.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         own = None
     if isinstance(own, dict) and own.get("name") not in (None, ""):
-        return cfg.get("name")  # the file's value, interpolations resolved by validation
+        return current()  # the file's value, interpolations resolved by validation
     return recipe.stem
 
 
@@ -264,9 +285,7 @@ def _override_error(recipe: Path, overrides: list[str], config_dirs: list[str],
                     e: Exception) -> RecipeError | None:
     """A command-line override of a key that does not exist, reported like a misspelt key
     in a file: the key, a did-you-mean, and the override as the place it came from."""
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     m = re.search(r"Could not override '([^']+)'", str(e))
     if not m:
@@ -276,7 +295,7 @@ def _override_error(recipe: Path, overrides: list[str], config_dirs: list[str],
     rest = [ov for ov in overrides if ov != override]
     try:
         cfg, _ = _compose(recipe, rest, config_dirs)
-    except (HydraException, OmegaConfBaseException):
+    except _load_errors():
         return None
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
@@ -332,8 +351,6 @@ def multirun(
     """Run ``job`` once per point of the Hydra sweep (``a=1,2 b=x,y``), through Hydra's
     configured sweeper and launcher (``hydra/launcher=joblib`` etc. work unchanged).
     Returns one result per job: ``{"overrides": [...], **job result}`` or an ``error``."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     recipe = _check_recipe_path(path)
     _check_safe(recipe, list(overrides), config_dirs)
@@ -345,7 +362,7 @@ def multirun(
 
     try:
         batches = hydra.multirun(recipe.stem, task, all_overrides, with_log_configuration=False)
-    except (HydraException, OmegaConfBaseException) as e:
+    except _load_errors() as e:
         raise _hydra_error(recipe, e) from e
     results = []
     for batch in batches:

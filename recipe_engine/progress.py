@@ -123,6 +123,11 @@ class _ProgressHandler(logging.Handler):
             prefix = f"[{where}] " if where else ""
             if record.levelno >= logging.WARNING:
                 prefix += f"{record.levelname.lower()}: "
-            self.progress.log(redact_text(prefix + record.getMessage()))
+            line = redact_text(prefix + record.getMessage())
+            if self.progress.enabled:
+                self.progress.log(line)
+            elif record.levelno >= logging.WARNING:  # --quiet hides progress, not warnings
+                self.progress.stream.write(line + "\n")
+                self.progress.stream.flush()
         except Exception:
             self.handleError(record)

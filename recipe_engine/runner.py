@@ -1,6 +1,8 @@
 """Runs a validated recipe: fingerprints, store lookups, stage execution, atomic commits."""
 from __future__ import annotations
 
+import errno
+import logging
 import platform
 import socket
 import sys
@@ -19,6 +21,8 @@ from .redact import redact, redact_text
 from .store import Store, content_digest, fingerprint
 from .validate import Recipe, StageSpec
 
+log = logging.getLogger("recipe_engine.runner")
+
 
 class StageFailed(Exception):
     def __init__(self, stage: str, error: BaseException, summary: dict[str, Any]):
@@ -35,16 +39,22 @@ class PlannedStage:
     estimates: dict[str, Any]
 
 
-def compute_fingerprints(recipe: Recipe, pm: PluginManager) -> dict[str, str]:
+def compute_fingerprints(recipe: Recipe, pm: PluginManager,
+                         extras: dict[str, Any] | None = None) -> dict[str, str]:
+    """Each stage's fingerprint; ``extras`` (when given) receives each stage's
+    ``fingerprint_extra()`` (redacted), what it was made from besides the recipe."""
     fps: dict[str, str] = {}
     for name, spec in recipe.stages.items():
         stage = spec.instantiate(pm.registry)
+        extra = redact(stage.fingerprint_extra())
+        if extras is not None:
+            extras[name] = extra
         fps[name] = fingerprint({
             "component": spec.component.name,
             "versions": spec.versions,
             "params": spec.recorded_params,
             "inputs": {slot: fps[up] for slot, up in sorted(spec.inputs.items())},
-            "extra": redact(stage.fingerprint_extra()),
+            "extra": extra,
         })
     return fps
 
@@ -112,7 +122,8 @@ def run(
         selected = [s for s in selected if s in wanted]
     forced = recipe.downstream(set(recipe.stages) if "*" in force else force)
     fresh = forced | (set(recipe.stages) if "*" in fresh else fresh)
-    fps = compute_fingerprints(recipe, pm)
+    extras: dict[str, Any] = {}
+    fps = compute_fingerprints(recipe, pm, extras)
     invocation = invocation or uuid.uuid4().hex[:16]
     live = store.begin_run(recipe.name, fps.values(), invocation)  # before any lookup: gc
     progress = progress or Progress(len(selected))
@@ -127,6 +138,7 @@ def run(
         t0 = time.monotonic()
         found = None if name in forced else store.find(fp)
         if found is not None:
+            store.tidy(fp)  # a run killed just after committing fp left its work dir
             artifacts[name] = found
             entry = _summary_entry(name, spec, fp, "cached", time.monotonic() - t0, found)
             summary["stages"].append(entry)
@@ -141,7 +153,7 @@ def run(
                 status = "ran"
                 try:
                     found = _run_stage(recipe, pm, store, spec, fp, fps, artifacts, progress,
-                                       fresh=name in fresh)
+                                       fresh=name in fresh, extra=extras[name])
                 except BaseException as e:
                     progress.stage_failed(name, e)
                     hook.recipe_stage_failed(stage=name, error=e)
@@ -149,7 +161,10 @@ def run(
                                               "fingerprint": fp, "status": "failed",
                                               "seconds": round(time.monotonic() - t0, 3),
                                               "error": redact_text(f"{type(e).__name__}: {e}")})
-                    store.save_run(summary, live)
+                    try:
+                        store.save_run(summary, live)
+                    except OSError as save_error:  # a full disk: report the stage's error
+                        log.warning("could not save the run summary: %s", save_error)
                     if isinstance(e, KeyboardInterrupt):
                         raise
                     raise StageFailed(name, e, summary) from e
@@ -171,7 +186,7 @@ def _headline(metrics: dict[str, Any], n: int = 3) -> str:
 
 def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec, fp: str,
                fps: dict[str, str], artifacts: dict[str, Artifact], progress: Progress,
-               fresh: bool = False) -> Artifact:
+               fresh: bool = False, extra: Any = None) -> Artifact:
     registry = pm.registry
     stage = spec.instantiate(registry)
     executor = registry.build(Executor, spec.executor)
@@ -198,8 +213,18 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
     pm.hook.recipe_stage_started(stage=spec.name, component=spec.component.name, fingerprint=fp)
     started = time.time()
     t0 = time.monotonic()
-    stage.run(ctx)
+    try:
+        stage.run(ctx)
+    finally:
+        executor.close()
     seconds = time.monotonic() - t0
+    # what the stage reads from outside the store (a source's files) must still be what the
+    # fingerprint was made from: else the artifact holds other data than its fingerprint says
+    extra_now = redact(stage.fingerprint_extra())
+    if extra_now != extra:
+        raise StageError(f"what {spec.component.name!r} reads from outside the store changed "
+                         "since this run fingerprinted it (its fingerprint_extra differs: "
+                         "files edited meanwhile?); nothing was committed; rerun")
     if "seconds" not in ctx.metrics:
         ctx.metrics["seconds"] = round(seconds, 3)
     reg = registry.find("stage", spec.component.name)
@@ -214,7 +239,7 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
         "kind": spec.component.output,
         "params": spec.recorded_params,
         "inputs": {slot: {"stage": up, "fingerprint": fps[up]} for slot, up in spec.inputs.items()},
-        "extra": redact(stage.fingerprint_extra()),
+        "extra": extra_now,
         "meta": ctx.meta,
         "metrics": ctx.metrics,
         "counts": dict(sorted(ctx.counts.items())),
@@ -228,11 +253,21 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
     return store.commit(fp, out, manifest)
 
 
+def disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+DISK_FULL_HINT = ("the disk is full: free some space (`recipe gc`), then rerun; finished stages "
+                  "stay committed")
+
+
 def format_error(e: BaseException) -> str:
     if isinstance(e, StageFailed):
         err = e.error
         if isinstance(err, (StageError, RecipeError)):
             return redact_text(f"stage {e.stage!r} failed: {err}")
+        if disk_full(err):
+            return redact_text(f"stage {e.stage!r} failed: {err} ({DISK_FULL_HINT})")
         tb = "".join(traceback.format_exception(type(err), err, err.__traceback__)[-6:])
         return redact_text(f"stage {e.stage!r} failed: {type(err).__name__}: {err}\n{tb}")
     return redact_text(str(e))

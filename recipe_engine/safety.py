@@ -19,6 +19,11 @@ composes or runs anything:
   (or the other instantiation keys) or setting ``hydra.callbacks`` / ``hydra.searchpath``.
 - **Names that become paths.** The recipe ``name`` and every stage name match
   :data:`NAME_RE` (:func:`check_names`).
+- **Shape.** Hydra and OmegaConf build every node of a file recursively, aliases expanded,
+  so a file nested deeper than :data:`MAX_DEPTH` collections, one whose aliases expand to
+  more than :data:`MAX_NODES` nodes (a "billion laughs" bomb) or an alias of a node inside
+  itself is reported instead of composed. This is measured on libyaml's event stream, which
+  is neither recursive nor expanded (libyaml's composer itself crashes on deep nesting).
 
 Only the standard library and PyYAML (a Hydra dependency) are used; nothing is imported
 from or instantiated by the files checked. Directories are walked cheaply: hidden ones are
@@ -39,6 +44,8 @@ INSTANTIATION_KEYS = frozenset({"_target_", "_args_", "_partial_", "_recursive_"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_YAML_FILES = 2000
 MAX_DIRS = 5000
+MAX_DEPTH = 32  # nested mappings/lists in one file (OmegaConf recurses past 90 or so)
+MAX_NODES = 10_000  # nodes of one file with its aliases expanded (recipes have hundreds)
 YAML_SUFFIXES = (".yaml", ".yml")
 COMMAND_LINE = "command line"
 
@@ -111,6 +118,9 @@ def check_file(path: Path, root_level: bool = True) -> tuple[list[Problem], list
     problems = _check_header(text, shown)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        shape = _check_shape(text, shown, loader)
+        if shape:
+            return problems + shape, []
         docs = list(yaml.compose_all(text, Loader=loader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -135,6 +145,52 @@ def check_file(path: Path, root_level: bool = True) -> tuple[list[Problem], list
                     refs += found_refs
     problems.sort(key=_line_of)  # stable: in file order
     return problems, refs
+
+
+def _check_shape(text: str, shown: str, loader: Any) -> list[Problem]:
+    """Too deep, an alias bomb, a recursive alias: measured on the (flat) event stream."""
+    import yaml
+
+    open_sizes: list[int] = []  # nodes counted so far in each open collection
+    open_anchors: list[str | None] = []
+    sizes: dict[str, int] = {}  # anchor -> expanded nodes of the node it names
+    total = 0
+
+    def problem(event: Any, message: str) -> list[Problem]:
+        return [Problem(key="recipe", file=f"{shown}:{event.start_mark.line + 1}",
+                        message=message)]
+
+    def add(n: int) -> None:
+        nonlocal total
+        total += n
+        if open_sizes:
+            open_sizes[-1] += n
+
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            open_sizes.append(1)
+            open_anchors.append(event.anchor)
+            if len(open_sizes) > MAX_DEPTH:
+                return problem(event, f"nested more than {MAX_DEPTH} mappings/lists deep; "
+                                      "a recipe is a shallow tree")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            size, anchor = open_sizes.pop(), open_anchors.pop()
+            if anchor is not None:
+                sizes[anchor] = size
+            add(size)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+            add(1)
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor in open_anchors:
+                return problem(event, f"the alias *{event.anchor} refers to a node inside "
+                                      "itself (a recursive structure)")
+            add(sizes.get(event.anchor, 1))  # an undefined alias: the composer reports it
+        if total > MAX_NODES:
+            return problem(event, f"more than {MAX_NODES:,} nodes once its aliases are "
+                                  "expanded; a recipe is a small tree (an alias bomb?)")
+    return []
 
 
 def _line_of(problem: Problem) -> int:

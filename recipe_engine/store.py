@@ -109,11 +109,16 @@ def _digest_and_sync(path: Path) -> str:
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: leave no half-written temporary file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -389,6 +394,19 @@ class Store:
         _fsync_dir(final.parent)
         shutil.rmtree(self.root / "work" / fp, ignore_errors=True)
         return Artifact(kind=manifest.get("kind", ""), path=final, manifest=manifest)
+
+    def tidy(self, fp: str) -> None:
+        """Remove ``work/<fp>`` that a run killed between its commit's rename and the removal
+        of its work directory left beside the committed ``fp`` (its scratch can be large:
+        checkpoints). Only under ``fp``'s lock, taken without waiting: a ``--force`` run may
+        be writing there."""
+        work = self.root / "work" / fp
+        if not work.exists():
+            return
+        with self.lock(fp, wait=False) as got:
+            if got and work.exists() and (self.artifact_dir(fp) / MANIFEST).is_file():
+                with contextlib.suppress(OSError):
+                    self._discard(work)
 
     def _discard(self, path: Path) -> None:
         """Remove a directory: one rename into ``trash/`` (it is gone from its place at

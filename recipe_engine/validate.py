@@ -242,9 +242,13 @@ class _Checker:
                              f"{did_you_mean(str(slot), slots)}; its inputs: {', '.join(slots) or 'none'}")
                 ok = False
                 continue
+            if isinstance(upstream, (dict, list)):
+                self.problem(f"{key}.{slot}", f"must name an upstream stage, got {upstream!r}")
+                ok = False
+                continue
             if upstream not in stages:
                 self.problem(f"{key}.{slot}", f"no stage named {upstream!r}"
-                             f"{did_you_mean(str(upstream), stages)}")
+                             f"{did_you_mean(str(upstream), [str(s) for s in stages])}")
                 ok = False
                 continue
             produced = self._output_kind(stages[upstream])
@@ -283,6 +287,11 @@ def validate(loaded: LoadedRecipe, registry: Registry, default_executor: Any = N
         if cycle:
             checker.problem(f"stages.{cycle[0]}.inputs",
                             "the stages form a cycle: " + " -> ".join(cycle + [cycle[0]]))
+    max_skip = config.get("max_skip_fraction", 0.05)
+    if not (isinstance(max_skip, (int, float)) and not isinstance(max_skip, bool)
+            and 0 <= max_skip <= 1):
+        checker.problem("max_skip_fraction", f"must be a number from 0 to 1 (the fraction of "
+                        f"malformed records a stage may skip), got {max_skip!r}")
     if checker.problems:
         raise RecipeError(checker.problems)
     _check_requires(config.get("requires"), loaded)
@@ -291,7 +300,6 @@ def validate(loaded: LoadedRecipe, registry: Registry, default_executor: Any = N
         raw = ((env_config.get("stages") or {}).get(name) or {}).get("params") \
             if isinstance(env_config, dict) else None
         spec.recorded_params = recorded(spec.params, raw if isinstance(raw, dict) else {})
-    max_skip = config.get("max_skip_fraction", 0.05)
     return Recipe(name=loaded.name, loaded=loaded, stages={n: specs[n] for n in order},
                   config=config, max_skip_fraction=float(max_skip))
 

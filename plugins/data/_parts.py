@@ -13,10 +13,11 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import BrokenExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from recipe_engine import StageContext
+from recipe_engine import StageContext, StageError
 from recipe_engine.artifacts import PART_GLOB, part_name
 from recipe_engine.fsutil import atomic_write_json
 
@@ -56,11 +57,22 @@ def run_tasks(ctx: StageContext, fn: Callable[[Any], dict[str, Any]],
         ctx.log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} {state} tasks already done")
         ctx.metrics[f"{state}_tasks_resumed"] = len(tasks) - len(todo)
     ctx.progress(done, total, unit)
-    for i, result in zip(todo, ctx.executor.map(fn, [tasks[i][1] for i in todo])):
-        atomic_write_json(state_dir / f"{tasks[i][0]}.json", result)
-        results[i] = result
-        done += weights[i]
-        ctx.progress(done, total, unit)
+    finished = 0
+    try:
+        for i, result in zip(todo, ctx.executor.map(fn, [tasks[i][1] for i in todo])):
+            atomic_write_json(state_dir / f"{tasks[i][0]}.json", result)
+            results[i] = result
+            finished += 1
+            done += weights[i]
+            ctx.progress(done, total, unit)
+    except BrokenExecutor as e:  # a worker process died: killed, out of memory, os._exit
+        key = tasks[todo[finished]][0]
+        kept = len(tasks) - len(todo) + finished
+        executor = ctx.executor.name or type(ctx.executor).__name__
+        raise StageError(
+            f"a worker process of the {executor!r} executor died abruptly (killed, or out of "
+            f"memory?) while {state} task {key} was not finished: {e}; the {kept} of "
+            f"{len(tasks)} tasks finished are kept, and a rerun resumes from them") from e
     return results  # type: ignore[return-value]
 
 

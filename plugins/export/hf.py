@@ -204,17 +204,30 @@ def export_hf(ctx: StageContext, dtype: str = "float32") -> None:
     ctx.progress(3, 3, "parts")
     ctx.metrics.update({"num_params": num_params,
                         "num_bytes": (out / "model.safetensors").stat().st_size})
+    ctx.metrics.update({f"training/{k}": v for k, v in sorted(_facts(ckpt, run=True).items())})
     ctx.meta.update({"format": "huggingface", "architecture": "LlamaForCausalLM",
                      "dtype": dtype, "num_params": num_params,
                      "vocab_size": spec["vocab_size"], "max_seq_len": spec["max_seq_len"]})
     ctx.log(f"LlamaForCausalLM, {num_params / 1e6:.2f}M parameters ({dtype}) -> {out}")
 
 
-def _facts(artifact: Any) -> dict[str, Any]:
+# facts of one training attempt, not of the model: they stay out of the card (the same
+# fingerprint gives the same bytes), in the export's manifest metrics instead
+RUN_FACTS = ("seconds", "tokens_per_second", "mfu", "peak_tflops", "resumed_from_step")
+
+
+def _run_fact(key: str) -> bool:
+    return key in RUN_FACTS or key.endswith(("_seconds", "_per_second"))
+
+
+def _facts(artifact: Any, run: bool = False) -> dict[str, Any]:
+    """The checkpoint's numbers (manifest metrics, then meta): those of the model, or with
+    ``run`` those of the attempt that trained it (timings, speed, where it resumed)."""
     facts = {}
     for group in (artifact.manifest.get("metrics", {}), artifact.meta):
         for key, value in group.items():
-            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool) \
+                    and _run_fact(key) == run:
                 facts.setdefault(key, value)
     return facts
 

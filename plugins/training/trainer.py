@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -192,6 +193,69 @@ def full_state_dict(module: torch.nn.Module, sharded: bool) -> dict[str, torch.T
     return clean
 
 
+# -- checkpoints left by an earlier attempt --------------------------------------------------
+
+
+def _checkpoint_batch(path: Path) -> int:
+    """The batch count in a Composer checkpoint's name (``ep2-ba12-rank0.pt`` -> 12)."""
+    for part in path.name.split("-"):
+        if part.startswith("ba") and part[2:].isdigit():
+            return int(part[2:])
+    return -1
+
+
+def checkpoint_damage(path: Path) -> str:
+    """Why the checkpoint file at ``path`` cannot be whole ('' when it looks whole). A
+    ``torch.save`` file is a zip archive: it must end with the archive's directory, and every
+    member must match its CRC. Nothing is unpickled. A directory (a sharded checkpoint) is
+    not checked here."""
+    import zipfile
+
+    if path.is_dir():
+        return ""
+    if not path.is_file():
+        return "missing"
+    try:
+        if not zipfile.is_zipfile(path):
+            return "not a complete zip archive (truncated?)"
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        return f"member {bad} does not match its checksum" if bad else ""
+    except Exception as e:  # noqa: BLE001 (a damaged archive fails in many ways)
+        return f"unreadable ({type(e).__name__}: {e})"
+
+
+def repair_checkpoints(ckpt_dir: Path, rank: int = 0) -> str:
+    """Before autoresume: when ``latest-rank{rank}.pt`` names a damaged or missing checkpoint,
+    remove it and point ``latest`` at the newest whole checkpoint kept
+    (``num_checkpoints_to_keep``), or remove them all, so that the stage starts afresh
+    (Composer would fail on every retry). Returns what was done, for the log ('' if nothing)."""
+    latest = ckpt_dir / f"latest-rank{rank}.pt"
+    if not latest.is_symlink() and not latest.exists():
+        return ""
+    target = ckpt_dir / os.readlink(latest) if latest.is_symlink() else latest
+    why = checkpoint_damage(target)
+    if not why:
+        return ""
+    damaged = f"the latest checkpoint {target.name} is damaged ({why})"
+    kept = sorted((p for p in ckpt_dir.glob(f"ep*-ba*-rank{rank}.pt")
+                   if p.name != target.name and not p.is_symlink()),
+                  key=_checkpoint_batch, reverse=True)
+    if target.is_file() and not target.is_symlink():
+        target.unlink()
+    for candidate in kept:
+        if checkpoint_damage(candidate):
+            candidate.unlink()
+            continue
+        tmp = ckpt_dir / f".latest-rank{rank}.pt.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(candidate.name)
+        os.replace(tmp, latest)  # one rename: latest always names something
+        return f"{damaged}; removed it and resuming from {candidate.name} instead"
+    latest.unlink(missing_ok=True)
+    return f"{damaged}, and no earlier whole checkpoint was kept; training this stage afresh"
+
+
 # -- the stage -------------------------------------------------------------------------------
 
 
@@ -291,6 +355,12 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
 
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=stage.grad_clip_norm))
     ckpt_dir = Path(ctx.work) / "checkpoints"
+    if rank == 0 and ckpt_dir.is_dir():  # a damaged checkpoint would fail every retry
+        repaired = repair_checkpoints(ckpt_dir)
+        if repaired:
+            ctx.log(repaired)
+    if world_size > 1:
+        dist.barrier()
     if rank == 0:
         epochs = batches / batches_per_epoch
         ctx.log(f"{model_cfg.name}: {num_params / 1e6:.2f}M params, {batches} batches of "

@@ -394,5 +394,6 @@ def test_cli_surface_is_frozen():
         "gc": ["--dry-run", "--help", "--json", "--keep", "--keep-runs", "--store", "-h"],
         "validate": ["--help", "-h"],
         "plan": ["--help", "--json", "--store", "-h"],
+        "show": ["--help", "--json", "--store", "-h"],
         "plugins": ["--help", "--json", "-h"],
     }

@@ -211,3 +211,32 @@ def test_lm_eval_hf_model_on_export(tmp_path, tokenizer_artifact, tok):
     ours_lls = [ll for ll, _ in lm.loglikelihood(
         [Instance("loglikelihood", {}, tuple(a), 0) for a in reqs], disable_tqdm=True)]
     assert ours_lls == pytest.approx(hf_lls, abs=1e-4)
+
+
+def test_export_is_byte_identical_and_run_facts_go_to_the_manifest(tmp_path, tokenizer_artifact,
+                                                                    tok):
+    """The same checkpoint exported twice gives the same bytes in every file, even when the
+    checkpoint's two training attempts differ in timings and resume point: those go to the
+    export's manifest metrics, never into the model card."""
+    ckpt = _checkpoint(tmp_path / "ckpt", tok.vocab_size)
+    arts = []
+    for i, (seconds, resumed) in enumerate([(12.5, 0), (31.25, 8)]):
+        attempt = Artifact(kind="checkpoint", path=ckpt.path, manifest={
+            "meta": {**ckpt.meta, "resumed_from_step": resumed, "steps": 16},
+            "metrics": {"train_loss": 5.5, "seconds": seconds,
+                        "tokens_per_second": 1000.0 / seconds, "mfu": 0.01 * (i + 1)}})
+        arts.append(run_stage(HFExport(), tmp_path / f"export{i}",
+                              inputs={"checkpoint": attempt, "tokenizer": tokenizer_artifact}))
+    a, b = (sorted(p.relative_to(art.path) for p in art.path.rglob("*")
+                   if p.is_file() and p.name != "manifest.json")  # the manifest holds timings
+            for art in arts)
+    assert a == b and Path("README.md") in a and Path("model.safetensors") in a
+    for rel in a:
+        assert (arts[0].path / rel).read_bytes() == (arts[1].path / rel).read_bytes(), rel
+    card = (arts[0].path / "README.md").read_text()
+    assert "train_loss | 5.5" in card and "steps | 16" in card
+    assert "seconds" not in card and "resumed_from_step" not in card and "mfu" not in card
+    metrics = [art.manifest["metrics"] for art in arts]
+    assert metrics[0]["training/seconds"] == 12.5 and metrics[1]["training/seconds"] == 31.25
+    assert metrics[1]["training/resumed_from_step"] == 8
+    assert "training/train_loss" not in metrics[0]

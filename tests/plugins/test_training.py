@@ -321,3 +321,45 @@ def test_two_process_ddp_on_cpu(tmp_path, zstd_shards):
     assert art.manifest["metrics"]["val_loss"] < math.log(VOCAB)
     assert (art.path / "model.safetensors").exists()
     assert (tmp_path / "work" / "launch" / "result.json").exists()
+
+
+def test_repair_checkpoints_before_autoresume(tmp_path):
+    """A damaged or missing latest checkpoint is removed and ``latest`` re-pointed at the
+    newest whole one kept; with none whole, every checkpoint goes (training starts afresh).
+    Only zip integrity is checked: nothing is unpickled."""
+    import zipfile
+
+    from recipe_engine_plugins.training.trainer import checkpoint_damage, repair_checkpoints
+
+    def checkpoint(name: str) -> Path:
+        with zipfile.ZipFile(tmp_path / name, "w") as z:  # torch.save's format: a zip
+            z.writestr("archive/data.pkl", b"\x80\x04N." + bytes(range(256)) * 40)
+        return tmp_path / name
+
+    def point_latest(name: str) -> None:
+        (tmp_path / "latest-rank0.pt").unlink(missing_ok=True)
+        (tmp_path / "latest-rank0.pt").symlink_to(name)
+
+    assert repair_checkpoints(tmp_path) == ""  # nothing to resume
+    a, b, c = (checkpoint(f"ep{i}-ba{4 * i}-rank0.pt") for i in (1, 2, 3))
+    point_latest(c.name)
+    assert repair_checkpoints(tmp_path) == "" and checkpoint_damage(c) == ""
+
+    c.write_bytes(c.read_bytes()[:-100])  # cut short
+    assert repair_checkpoints(tmp_path) == (
+        "the latest checkpoint ep3-ba12-rank0.pt is damaged (not a complete zip archive "
+        "(truncated?)); removed it and resuming from ep2-ba8-rank0.pt instead")
+    assert os.readlink(tmp_path / "latest-rank0.pt") == b.name and not c.exists()
+
+    b.unlink()  # latest names a file that is gone
+    assert repair_checkpoints(tmp_path) == (
+        "the latest checkpoint ep2-ba8-rank0.pt is damaged (missing); removed it and "
+        "resuming from ep1-ba4-rank0.pt instead")
+
+    data = bytearray(a.read_bytes())  # bytes flipped inside the pickle: a CRC mismatch
+    data[200:210] = bytes(x ^ 0xFF for x in data[200:210])
+    a.write_bytes(bytes(data))
+    assert "member archive/data.pkl does not match its checksum" in checkpoint_damage(a)
+    assert repair_checkpoints(tmp_path).endswith(
+        "and no earlier whole checkpoint was kept; training this stage afresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
