@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recipe_engine import DocumentFilter, Problems, Stage, StageContext
+from recipe_engine import DocumentFilter, Problems, Stage, StageContext, StageError
 from recipe_engine.artifacts import list_parts, read_documents, write_documents
 
 from ._parts import clear_parts, file_stamp, merge_counts, place_parts, run_tasks, task_key
@@ -186,6 +186,13 @@ class FilterStage(Stage,
         ctx.count("documents_in", docs_in)
         ctx.count("documents_out", docs_out)
         ctx.check_skips(docs_in)
+        if docs_in and not docs_out:  # an empty corpus downstream is never what was meant
+            worst = max(labels, key=lambda lb: ctx.counts[f"{lb}.dropped"])
+            reasons = sorted(((k.rsplit(".", 1)[1], v) for k, v in ctx.counts.items()
+                              if k.startswith(f"{worst}.dropped.")), key=lambda kv: -kv[1])
+            raise StageError(f"the filters kept none of the {docs_in} documents; {worst!r} "
+                             f"dropped the most ({ctx.counts[f'{worst}.dropped']}, reasons "
+                             f"{dict(reasons[:3])}): loosen its parameters")
         ctx.meta.update({"num_documents": docs_out, "num_bytes": num_bytes})
         ctx.metrics.update({"documents_in": docs_in, "documents_out": docs_out,
                             "kept_fraction": round(docs_out / docs_in, 4) if docs_in else 0.0})

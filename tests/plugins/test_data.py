@@ -10,7 +10,7 @@ import pytest
 import zstandard
 
 from recipe_engine import Artifact, DocumentFilter, RecipeError, StageError
-from recipe_engine.artifacts import iter_documents, list_parts, read_documents, write_documents
+from recipe_engine.artifacts import iter_documents, list_parts, part_name, read_documents, write_documents
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
 from recipe_engine_plugins.data import (CodeQualityFilter, ExactDedup, FilesSource, FilterStage,
@@ -352,3 +352,16 @@ def test_source_survives_corrupt_jsonl(tmp_path):
     assert (c["skipped.bad_unicode"], c["skipped.bad_json"], c["skipped.text_not_string"]) == \
         (1, 1, 1)
     assert texts(art)[-1] == "fine"
+
+
+def test_a_filter_chain_that_keeps_nothing_fails_naming_the_worst_filter(tmp_path):
+    docs = Artifact(kind="documents", path=tmp_path / "in", manifest={})
+    (tmp_path / "in").mkdir()
+    write_documents(tmp_path / "in" / part_name(0),
+                    [{"id": str(i), "text": "x = 1\n", "source": "t", "path": None}
+                     for i in range(4)])
+    stage = FilterStage(filters=[{"name": "length", "min_chars": 1},
+                                 {"name": "length", "min_chars": 100}])
+    with pytest.raises(StageError, match="'length#2' dropped the most \\(4, reasons "
+                                         "\\{'too_short': 4\\}\\)"):
+        run_stage(stage, tmp_path / "run", inputs={"documents": docs})
