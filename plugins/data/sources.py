@@ -406,6 +406,22 @@ def _import(module: str, what: str) -> Any:
         raise StageError(f"{what} needs {module.split('.')[0]} ({CURATION}): {e}") from e
 
 
+def _text_size(text: Any, tally: Any, where: str, max_bytes: int) -> int | None:
+    """The UTF-8 size of a record's text, or None when the record is skipped (not a string)
+    or dropped (empty, larger than ``max_bytes``), counted by reason."""
+    if not isinstance(text, str):
+        tally.skip("text_not_string", where)
+        return None
+    if not text.strip():
+        tally.bump("dropped.empty")
+        return None
+    size = _utf8_len(text)
+    if size > max_bytes:
+        tally.bump("dropped.too_large")
+        return None
+    return size
+
+
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
@@ -514,15 +530,8 @@ def _parquet_file(pa: Any, pq: Any, fh: Any, rel: str, task: dict[str, Any],
                 except UnicodeDecodeError:
                     tally.skip("bad_utf8", rel)
                     continue
-            if not isinstance(text, str):
-                tally.skip("text_not_string", rel)
-                continue
-            if not text.strip():
-                tally.bump("dropped.empty")
-                continue
-            size = _utf8_len(text)
-            if size > max_bytes:
-                tally.bump("dropped.too_large")
+            size = _text_size(text, tally, rel, max_bytes)
+            if size is None:
                 continue
             if id_key:
                 ident = values[id_key][i]
@@ -738,15 +747,8 @@ def _hf_documents(task: dict[str, Any], tally: Tally) -> Iterator[dict[str, Any]
         if text is None:
             tally.skip("missing_text", where)
             continue
-        if not isinstance(text, str):
-            tally.skip("text_not_string", where)
-            continue
-        if not text.strip():
-            tally.bump("dropped.empty")
-            continue
-        size = _utf8_len(text)
-        if size > max_bytes:
-            tally.bump("dropped.too_large")
+        size = _text_size(text, tally, where, max_bytes)
+        if size is None:
             continue
         if id_key:
             if record.get(id_key) is None:
