@@ -6,7 +6,7 @@ their work per part through the stage's executor, and resume per part after a cr
 """
 from recipe_engine import hookimpl
 
-from . import decontaminate, extract, langid, near_dedup, pii, quality, sources
+from . import decontaminate, extract, langid, near_dedup, package_docs, pii, quality, sources
 from .dedup import ExactDedup
 from .filters import CodeQualityFilter, DocumentFilter, FilterStage, LengthFilter
 from .source import FilesSource
@@ -20,4 +20,5 @@ def recipe_components():
     return [FilesSource, FilterStage, LengthFilter, CodeQualityFilter, ExactDedup,
             *quality.COMPONENTS, *near_dedup.COMPONENTS, *pii.COMPONENTS,
             *decontaminate.COMPONENTS, *langid.COMPONENTS,
-            *sources.COMPONENTS, *extract.COMPONENTS]
+            *sources.COMPONENTS, *extract.COMPONENTS,
+            *package_docs.COMPONENTS]

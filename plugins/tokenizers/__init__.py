@@ -6,10 +6,11 @@ Nothing heavy is imported here: sentencepiece, numpy and streaming load inside `
 """
 from recipe_engine import hookimpl
 
+from . import hf_bpe
 from .shards import MDSShards
 from .train import SentencePieceBPE
 
 
 @hookimpl
 def recipe_components():
-    return [SentencePieceBPE, MDSShards]
+    return [SentencePieceBPE, MDSShards, *hf_bpe.COMPONENTS]
