@@ -24,7 +24,7 @@ TINY = [
     "++eval.lm_eval.limit=8",
     "++executor.num_workers=2",
 ]
-STAGES = ["source", "filter", "dedup", "tokenizer", "shards", "train", "evaluate", "lm_eval", "export"]
+STAGES = ["source", "filter", "dedup", "near_dedup", "pii", "tokenizer", "shards", "train", "evaluate", "lm_eval", "export"]
 
 
 def recipe(*args, store, check=True, timeout=600):
@@ -68,7 +68,8 @@ def test_one_filter_parameter_reruns_exactly_its_descendants(first_run):
     store, _ = first_run
     changed, _ = recipe(*TINY, "data.quality.max_line_length=900", store=store)
     assert statuses(changed) == {
-        "source": "cached", "filter": "ran", "dedup": "ran", "tokenizer": "ran", "shards": "ran",
+        "source": "cached", "filter": "ran", "dedup": "ran", "near_dedup": "ran", "pii": "ran",
+        "tokenizer": "ran", "shards": "ran",
         "train": "ran", "evaluate": "ran", "lm_eval": "ran", "export": "ran"}
 
 
@@ -77,7 +78,7 @@ def test_multirun_over_learning_rate_shares_data_stages(first_run):
     result, _ = recipe(*TINY, "-m", "optim.lr=1e-3,2e-3", store=store)
     jobs = result["jobs"]
     assert [j["overrides"][-1] for j in jobs] == ["optim.lr=0.001", "optim.lr=0.002"]
-    data = ["source", "filter", "dedup", "tokenizer", "shards"]
+    data = ["source", "filter", "dedup", "near_dedup", "pii", "tokenizer", "shards"]
     second = statuses(jobs[1])
     assert all(second[s] == "cached" for s in data)
     assert all(second[s] == "ran" for s in ["train", "evaluate", "lm_eval", "export"])

@@ -14,8 +14,11 @@ outside a run, ``read_manifest(dir)["meta"]``. Meta keys marked (opt) may be abs
 
     part-00000.jsonl.zst  part-00001.jsonl.zst ...   zstd JSON Lines, one record a line:
         id (str, unique)  text (str)  source (str)  path (str | null)  + any other keys
+        split (opt): "heldout" marks an evaluation document (``heldout_split``): no stage
+        may learn from it (tokenizer training skips it, shards send it to val/); is_heldout(doc)
     meta: num_documents, num_bytes (UTF-8 bytes of text), source (opt, files_source),
-          duplicate_examples (opt, exact_dedup: a few clusters of duplicate ids)
+          duplicate_examples (opt, exact_dedup: a few clusters of duplicate ids),
+          heldout (opt, heldout_split: fraction, seed, max_documents, num_documents, num_bytes)
     read: iter_documents(dir), list_parts + read_documents(part)
     write: write_documents(dir / part_name(i), records)
 
@@ -81,8 +84,8 @@ from __future__ import annotations
 from ..tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from .checkpoint import (EXPORT_NATIVE_DIR, MODEL_SPEC_FILE, WEIGHTS_FILE,
                          checkpoint_weights_path, read_model_spec, write_model_spec)
-from .documents import (PART_GLOB, iter_documents, list_parts, part_name, read_documents,
-                        write_documents)
+from .documents import (HELDOUT, PART_GLOB, SPLIT_FIELD, is_heldout, iter_documents,
+                        list_parts, part_name, read_documents, write_documents)
 from .reports import MANIFEST_FILE, read_eval_report, read_manifest
 from .shards import iter_mds_samples, iter_token_sequences, read_shards_info
 
@@ -96,9 +99,9 @@ ARTIFACT_KINDS: dict[str, str] = {
 }
 
 __all__ = [
-    "ARTIFACT_KINDS", "EXPORT_NATIVE_DIR", "MANIFEST_FILE", "MODEL_SPEC_FILE", "PART_GLOB",
-    "SentencePieceTokenizer", "Tokenizer", "WEIGHTS_FILE", "checkpoint_weights_path",
-    "iter_documents", "iter_mds_samples", "iter_token_sequences", "list_parts",
+    "ARTIFACT_KINDS", "EXPORT_NATIVE_DIR", "HELDOUT", "MANIFEST_FILE", "MODEL_SPEC_FILE", "PART_GLOB",
+    "SPLIT_FIELD", "SentencePieceTokenizer", "Tokenizer", "WEIGHTS_FILE", "checkpoint_weights_path",
+    "is_heldout", "iter_documents", "iter_mds_samples", "iter_token_sequences", "list_parts",
     "load_tokenizer", "part_name", "read_documents", "read_eval_report", "read_manifest",
     "read_model_spec", "read_shards_info", "write_documents", "write_model_spec",
 ]

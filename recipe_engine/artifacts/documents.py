@@ -3,6 +3,10 @@
 Every line of a part is one JSON object with at least ``id`` (unique, str), ``text`` (str),
 ``source`` (str) and ``path`` (str or null); other keys are carried along. Parts are
 independent units of parallel work and of resume; their order is the artifact's order.
+
+Held-out documents: a record whose ``split`` field is ``"heldout"`` (``HELDOUT``) is an
+evaluation document. Nothing may learn from it: a tokenizer trainer leaves it out of its
+training text, a shards writer sends it to the validation split. ``is_heldout(doc)`` says so.
 """
 from __future__ import annotations
 
@@ -15,6 +19,13 @@ import zstandard
 from ..fsutil import atomic_writer
 
 PART_GLOB = "part-*.jsonl.zst"
+SPLIT_FIELD = "split"
+HELDOUT = "heldout"
+
+
+def is_heldout(doc: dict[str, Any]) -> bool:
+    """True for an evaluation document (``split: heldout``), which no stage may learn from."""
+    return doc.get(SPLIT_FIELD) == HELDOUT
 
 
 def part_name(index: int) -> str:
