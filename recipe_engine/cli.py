@@ -214,7 +214,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"recipe {recipe.name}  (store {store.root})")
     for i, p in enumerate(planned, 1):
-        ins = ", ".join(f"{s}<-{u}" for s, u in p.spec.inputs.items())
+        ins = ", ".join(f"{s}<-{u if isinstance(u, str) else '+'.join(u)}"
+                        for s, u in p.spec.inputs.items())
         print(f"{i:>3}. {p.name:<14} {p.status:<7} {p.spec.component.name:<18} "
               f"{p.fingerprint[:12]}  {ins}")
         for k, v in p.estimates.items():

@@ -16,8 +16,11 @@ registered name; a class without one is abstract and cannot be registered), ``ve
 (default: the docstring's first line), ``tracks_package_version`` (default true: the
 fingerprint also records the installed version of the component's package, so upgrading the
 package reruns its stages; false for components whose output the package version cannot
-change) and, on stages, ``inputs`` (slot -> artifact kind) and ``output`` (artifact kind). ``check_declaration`` states the rules; the registry applies
-it to every class a plugin registers.
+change) and, on stages, ``inputs`` (slot -> artifact kind) and ``output`` (artifact kind).
+An input slot declared with a one-element list (``inputs={"shards": ["shards"]}``) takes
+one or more upstream stages (``inputs: {shards: [code, docs]}`` in a recipe), in order.
+``check_declaration`` states the rules; the registry applies it to every class a plugin
+registers.
 
 Two families:
 
@@ -189,6 +192,12 @@ def check_declaration(cls: type) -> list[str]:
                         "fields are its parameters")
     if issubclass(cls, Stage) and not cls.output:
         problems.append("is a stage without an output artifact kind (output=...)")
+    if issubclass(cls, Stage):
+        for slot, kind in cls.inputs.items():
+            if not (isinstance(kind, str) and kind) and not (
+                    isinstance(kind, list) and len(kind) == 1 and isinstance(kind[0], str)):
+                problems.append(f"input {slot!r}: declare an artifact kind ('documents') or a "
+                                f"list of one kind (['shards']: one or more), not {kind!r}")
     try:
         cls.subcomponent_params()
     except Exception as e:  # an annotation that cannot be resolved
@@ -247,7 +256,9 @@ class StageContext:
     """What a running stage may use. The runner owns commit and bookkeeping.
 
     * ``inputs``: slot -> committed upstream ``Artifact``; read them through
-      ``recipe_engine.artifacts``.
+      ``recipe_engine.artifacts``. For a list slot (declared ``[kind]``), its first artifact.
+    * ``input_lists``: slot -> every upstream ``Artifact`` of the slot, in the recipe's order
+      (one for a plain slot): how a list slot's stage reads all of them.
     * ``output``: write the artifact here; it is committed when ``run`` returns.
     * ``work``: scratch that survives a crash of this stage (resume state); removed on commit.
     * ``executor``: runs per-part work in parallel (data stages).
@@ -260,10 +271,13 @@ class StageContext:
     def __init__(self, *, stage: str, fingerprint: str, inputs: dict[str, Artifact],
                  output: Path, work: Path, executor: Executor,
                  build: Callable[[Any, Any], Component],
-                 progress: ProgressFn | None = None, max_skip_fraction: float = 0.05):
+                 progress: ProgressFn | None = None, max_skip_fraction: float = 0.05,
+                 input_lists: dict[str, list[Artifact]] | None = None):
         self.stage = stage
         self.fingerprint = fingerprint
         self.inputs = inputs
+        self.input_lists = input_lists if input_lists is not None else \
+            {slot: [art] for slot, art in inputs.items()}
         self.output = Path(output)
         self.work = Path(work)
         self.executor = executor
@@ -309,14 +323,16 @@ class StageContext:
 class Stage(Component, kind="stage"):
     """A component a recipe stage names. Declares its input slots and output kind."""
 
-    inputs: ClassVar[dict[str, str]] = {}  # slot -> artifact kind
+    # slot -> artifact kind; ``[kind]``: one or more upstream stages of that kind, in order
+    inputs: ClassVar[dict[str, str | list[str]]] = {}
     output: ClassVar[str] = ""
 
-    def __init_subclass__(cls, *, inputs: dict[str, str] | None = None,
+    def __init_subclass__(cls, *, inputs: dict[str, str | list[str]] | None = None,
                           output: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if inputs is not None:
-            cls.inputs = dict(inputs)
+            cls.inputs = {slot: list(kind) if isinstance(kind, (list, tuple)) else kind
+                          for slot, kind in inputs.items()}
         if output is not None:
             cls.output = output
 
@@ -328,8 +344,20 @@ class Stage(Component, kind="stage"):
         listing, say). Must be cheap: ``recipe plan`` calls it."""
         return None
 
-    def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    @classmethod
+    def slot_kind(cls, slot: str) -> str:
+        """The artifact kind input ``slot`` takes (for a list slot: each element's)."""
+        kind = cls.inputs[slot]
+        return kind[0] if isinstance(kind, list) else kind
+
+    @classmethod
+    def slot_is_list(cls, slot: str) -> bool:
+        """Does ``slot`` take one or more upstream stages (declared ``[kind]``)?"""
+        return isinstance(cls.inputs[slot], list)
+
+    def describe_plan(self, inputs_meta: dict[str, Any]) -> dict[str, Any]:
         """Estimates for ``recipe plan`` (tokens, FLOPs, memory), from the inputs' ``meta``
-        (the real one when the input is cached, else that input's own estimate). Return
+        (the real one when the input is cached, else that input's own estimate; a list
+        slot gets a list of metas, in the recipe's order). Return
         ``{"meta": {...}}`` to pass estimates downstream; other keys are shown to the user."""
         return {}

@@ -26,7 +26,8 @@ DOCUMENTS = "documents"
 
 
 def _is_data_stage(spec: Any) -> bool:
-    return spec.component.output == DOCUMENTS or DOCUMENTS in spec.component.inputs.values()
+    return spec.component.output == DOCUMENTS or any(
+        spec.component.slot_kind(slot) == DOCUMENTS for slot in spec.component.inputs)
 
 
 def _int(value: Any) -> int | None:
@@ -110,8 +111,10 @@ def funnel(recipe: Recipe, fingerprints: dict[str, str], store: Store,
         wanted = name in stages if stages else _is_data_stage(spec)
         if not wanted:
             continue
-        slot = next((s for s, kind in spec.component.inputs.items() if kind == DOCUMENTS), None)
-        upstream = manifests.get(spec.inputs[slot]) if slot in spec.inputs else None
+        slot = next((s for s in spec.component.inputs
+                     if spec.component.slot_kind(s) == DOCUMENTS), None)
+        up = spec.inputs.get(slot) if slot else None
+        upstream = manifests.get(up) if isinstance(up, str) else None  # a list: no single one
         rows.append(stage_funnel(name, spec, fp, status, manifests[name], upstream))
     return {"recipe": recipe.name, "store": str(store.root), "stages": rows}
 

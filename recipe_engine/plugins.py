@@ -114,7 +114,7 @@ class Registry:
         problems = []
         known = sorted(self.artifact_kinds)
         for reg in self._by_kind.get("stage", {}).values():
-            declared = [(f"input {slot!r}", k) for slot, k in reg.cls.inputs.items()]
+            declared = [(f"input {slot!r}", reg.cls.slot_kind(slot)) for slot in reg.cls.inputs]
             declared.append(("output", reg.cls.output))
             for what, kind in declared:
                 if kind not in self.artifact_kinds:

@@ -10,7 +10,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .component import Artifact, Executor, StageContext
@@ -53,7 +53,8 @@ def compute_fingerprints(recipe: Recipe, pm: PluginManager,
             "component": spec.component.name,
             "versions": spec.versions,
             "params": spec.recorded_params,
-            "inputs": {slot: fps[up] for slot, up in sorted(spec.inputs.items())},
+            "inputs": {slot: _per_input(up, fps.__getitem__)
+                       for slot, up in sorted(spec.inputs.items())},
             "extra": extra,
         })
     return fps
@@ -72,7 +73,8 @@ def plan(recipe: Recipe, pm: PluginManager, store: Store) -> list[PlannedStage]:
             metas[name] = found.meta
         else:
             status = "stale" if name in index else "new"
-        inputs_meta = {slot: metas.get(up, {}) for slot, up in spec.inputs.items()}
+        inputs_meta = {slot: _per_input(up, lambda u: metas.get(u, {}))
+                       for slot, up in spec.inputs.items()}
         try:
             estimates = spec.instantiate(pm.registry).describe_plan(inputs_meta) or {}
         except Exception as e:  # an estimate must never break planning
@@ -184,6 +186,11 @@ def _headline(metrics: dict[str, Any], n: int = 3) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
 
 
+def _per_input(upstream: str | list[str], fn: Callable[[str], Any]) -> Any:
+    """``fn`` of a slot's upstream stage, or the list of ``fn`` of a list slot's stages."""
+    return fn(upstream) if isinstance(upstream, str) else [fn(u) for u in upstream]
+
+
 def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec, fp: str,
                fps: dict[str, str], artifacts: dict[str, Artifact], progress: Progress,
                fresh: bool = False, extra: Any = None) -> Artifact:
@@ -191,15 +198,18 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
     stage = spec.instantiate(registry)
     executor = registry.build(Executor, spec.executor)
     # scratch is stamped with its inputs' contents: made from other bytes, it is not resumed
-    stamp = {"inputs": {slot: {"fingerprint": fps[up],
-                               "content": content_digest(artifacts[up].manifest)}
-                        for slot, up in sorted(spec.inputs.items())}}
+    stamp = {"inputs": {slot: _per_input(up, lambda u: {
+        "fingerprint": fps[u], "content": content_digest(artifacts[u].manifest)})
+        for slot, up in sorted(spec.inputs.items())}}
     out, scratch = store.begin(fp, stamp=stamp, fresh=fresh, name=spec.name)
     resumed = store.scratch_exists(fp)
     ctx = StageContext(
         stage=spec.name,
         fingerprint=fp,
-        inputs={slot: artifacts[up] for slot, up in spec.inputs.items()},
+        inputs={slot: artifacts[up if isinstance(up, str) else up[0]]
+                for slot, up in spec.inputs.items()},
+        input_lists={slot: [artifacts[u] for u in ([up] if isinstance(up, str) else up)]
+                     for slot, up in spec.inputs.items()},
         output=out,
         work=scratch,
         executor=executor,
@@ -238,7 +248,8 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
         "package": reg.package if reg else "?",
         "kind": spec.component.output,
         "params": spec.recorded_params,
-        "inputs": {slot: {"stage": up, "fingerprint": fps[up]} for slot, up in spec.inputs.items()},
+        "inputs": {slot: _per_input(up, lambda u: {"stage": u, "fingerprint": fps[u]})
+                   for slot, up in spec.inputs.items()},
         "extra": extra_now,
         "meta": ctx.meta,
         "metrics": ctx.metrics,

@@ -161,7 +161,7 @@ def _with_subcomponents_built(stage: Stage, pm: PluginManager) -> Stage:
 def run_stage(
     stage: Stage,
     root: Path,
-    inputs: dict[str, Artifact] | None = None,
+    inputs: dict[str, Artifact | list[Artifact]] | None = None,
     executor: Executor | None = None,
     pm: PluginManager | None = None,
     max_skip_fraction: float = 0.05,
@@ -171,7 +171,8 @@ def run_stage(
 
     Sub-component parameters given in recipe form (``filters=[{"name": "length"}]``) are
     built first, as the runner does; ``ctx.build`` and that use ``pm``'s registry (default:
-    every installed plugin). Work runs in-process unless ``executor`` is given."""
+    every installed plugin). Work runs in-process unless ``executor`` is given. A list slot
+    takes a list of artifacts."""
     pm = pm or PluginManager()
     stage = _with_subcomponents_built(stage, pm)
     root = Path(root)
@@ -183,7 +184,9 @@ def run_stage(
     ctx = StageContext(
         stage=stage.name,
         fingerprint="test",
-        inputs=dict(inputs or {}),
+        inputs={slot: a[0] if isinstance(a, list) else a for slot, a in (inputs or {}).items()},
+        input_lists={slot: list(a) if isinstance(a, list) else [a]
+                     for slot, a in (inputs or {}).items()},
         output=out,
         work=work,
         executor=executor or InlineExecutor(),

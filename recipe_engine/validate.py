@@ -24,7 +24,7 @@ class StageSpec:
     name: str
     component: type[Stage]
     params: dict[str, Any]  # resolved, defaults filled, sub-components as {name, **params}
-    inputs: dict[str, str]  # slot -> upstream stage name
+    inputs: dict[str, str | list[str]]  # slot -> upstream stage name (list slots: names)
     executor: dict[str, Any]
     versions: dict[str, str] = field(default_factory=dict)  # "kind/name" -> version used
     # what manifests and fingerprints record of params: URLs redacted, ${oc.env:X} unresolved
@@ -33,6 +33,15 @@ class StageSpec:
     def instantiate(self, registry: Registry) -> Stage:
         """The stage component, its sub-components built."""
         return instantiate(self.component, self.params, registry.build)
+
+    def upstreams(self) -> list[str]:
+        """Every upstream stage, slot by slot (a list slot's in order), without repeats."""
+        out: list[str] = []
+        for up in self.inputs.values():
+            for name in ([up] if isinstance(up, str) else up):
+                if name not in out:
+                    out.append(name)
+        return out
 
 
 @dataclass
@@ -46,7 +55,7 @@ class Recipe:
     def downstream(self, names: set[str]) -> set[str]:
         out = set(names)
         for spec in self.stages.values():  # run order: parents come first
-            if any(up in out for up in spec.inputs.values()):
+            if any(up in out for up in spec.upstreams()):
                 out.add(spec.name)
         return out
 
@@ -56,7 +65,7 @@ class Recipe:
             n = todo.pop()
             if n not in out:
                 out.add(n)
-                todo += list(self.stages[n].inputs.values())
+                todo += self.stages[n].upstreams()
         return out
 
 
@@ -222,7 +231,7 @@ class _Checker:
         return StageSpec(name, cls, params, inputs, executor, versions)
 
     def inputs(self, cls: type[Stage], raw: Any, key: str,
-               stages: dict[str, Any]) -> dict[str, str] | None:
+               stages: dict[str, Any]) -> dict[str, str | list[str]] | None:
         slots = cls.inputs
         if raw is None:
             raw = {}
@@ -236,31 +245,54 @@ class _Checker:
             self.problem(key, f"inputs must map slot -> stage name, got {raw!r}")
             return None
         ok = True
-        for slot, upstream in raw.items():
+        out: dict[str, str | list[str]] = {}
+        for slot, given in raw.items():
             if slot not in slots:
                 self.problem(f"{key}.{slot}", f"{cls.name!r} has no input {slot!r}"
                              f"{did_you_mean(str(slot), slots)}; its inputs: {', '.join(slots) or 'none'}")
                 ok = False
                 continue
-            if isinstance(upstream, (dict, list)):
-                self.problem(f"{key}.{slot}", f"must name an upstream stage, got {upstream!r}")
+            many = cls.slot_is_list(slot)
+            names = given if many and isinstance(given, list) else [given]
+            if many and not names:
+                self.problem(f"{key}.{slot}", "names no stage; give one or more upstream stages")
                 ok = False
                 continue
-            if upstream not in stages:
-                self.problem(f"{key}.{slot}", f"no stage named {upstream!r}"
-                             f"{did_you_mean(str(upstream), [str(s) for s in stages])}")
+            if not many and isinstance(given, list):
+                self.problem(f"{key}.{slot}", f"takes one upstream stage, got a list {given!r}")
                 ok = False
                 continue
-            produced = self._output_kind(stages[upstream])
-            if produced and produced != slots[slot]:
-                self.problem(f"{key}.{slot}", f"input {slot!r} needs a {slots[slot]} artifact, "
-                             f"but stage {upstream!r} produces {produced}")
+            for i, upstream in enumerate(names):
+                where = f"{key}.{slot}" if len(names) == 1 and not isinstance(given, list) \
+                    else f"{key}.{slot}[{i}]"
+                if not self._input(cls, slot, upstream, where, stages):
+                    ok = False
+            if len(set(map(str, names))) != len(names):
+                self.problem(f"{key}.{slot}", f"names a stage twice: {names!r}")
                 ok = False
+            out[str(slot)] = [str(n) for n in names] if many else str(given)
         for slot in slots:
             if slot not in raw:
-                self.problem(f"{key}.{slot}", f"missing input {slot!r} ({slots[slot]}) of {cls.name!r}")
+                self.problem(f"{key}.{slot}", f"missing input {slot!r} ({cls.slot_kind(slot)}) "
+                             f"of {cls.name!r}")
                 ok = False
-        return {str(s): str(u) for s, u in raw.items()} if ok else None
+        return out if ok else None
+
+    def _input(self, cls: type[Stage], slot: str, upstream: Any, key: str,
+               stages: dict[str, Any]) -> bool:
+        if isinstance(upstream, (dict, list)):
+            self.problem(key, f"must name an upstream stage, got {upstream!r}")
+            return False
+        if upstream not in stages:
+            self.problem(key, f"no stage named {upstream!r}"
+                         f"{did_you_mean(str(upstream), [str(s) for s in stages])}")
+            return False
+        produced, wanted = self._output_kind(stages[upstream]), cls.slot_kind(slot)
+        if produced and produced != wanted:
+            self.problem(key, f"input {slot!r} needs a {wanted} artifact, "
+                         f"but stage {upstream!r} produces {produced}")
+            return False
+        return True
 
     def _output_kind(self, raw: Any) -> str | None:
         if isinstance(raw, dict):
@@ -282,7 +314,7 @@ def validate(loaded: LoadedRecipe, registry: Registry, default_executor: Any = N
     specs = checker.recipe(config)
     order: list[str] = []
     if specs:
-        edges = {n: [u for u in s.inputs.values() if u in specs] for n, s in specs.items()}
+        edges = {n: [u for u in s.upstreams() if u in specs] for n, s in specs.items()}
         order, cycle = topological_order(list(specs), edges)
         if cycle:
             checker.problem(f"stages.{cycle[0]}.inputs",

@@ -215,7 +215,8 @@ def test_stage_inputs_line(reg):
     e = entry(reg)
     lines = [line for line in e.prose() if line.startswith("Inputs:")]
     assert len(lines) == 1, f"{e.where}: one line `Inputs: slot (kind), ... → output: kind`"
-    slots = ", ".join(f"{slot} ({kind})" for slot, kind in reg.cls.inputs.items()) or "none"
+    slots = ", ".join(f"{slot} ({'one or more ' if reg.cls.slot_is_list(slot) else ''}"
+                      f"{reg.cls.slot_kind(slot)})" for slot in reg.cls.inputs) or "none"
     want = f"Inputs: {slots} → output: {reg.cls.output}"
     assert lines[0].strip() == want, f"{e.where}: expected {want!r}, got {lines[0]!r}"
 

@@ -61,6 +61,22 @@ class ToyReport(Stage, name="toy_report", inputs={"documents": "documents"}, out
 
 
 @dataclass(kw_only=True)
+class ToyConcat(Stage, name="toy_concat", inputs={"streams": ["documents"]}, output="documents"):
+    """A list slot: the documents of every upstream stage, in the recipe's order."""
+
+    def run(self, ctx: StageContext) -> None:
+        docs = [{**d, "id": f"{i}:{d['id']}"} for i, art in enumerate(ctx.input_lists["streams"])
+                for d in iter_documents(art.path)]
+        write_documents(ctx.output / part_name(0), docs)
+        ctx.meta["first"] = ctx.inputs["streams"].manifest.get("stage")
+        ctx.metrics["documents"] = len(docs)
+
+    def describe_plan(self, inputs_meta):
+        return {"streams": len(inputs_meta["streams"]),
+                "documents": sum(m.get("num_documents", 0) for m in inputs_meta["streams"])}
+
+
+@dataclass(kw_only=True)
 class ToyNeedsTokenizer(Stage,
                         name="toy_needs_tokenizer",
                         inputs={"tokenizer": "tokenizer"},
@@ -71,7 +87,8 @@ class ToyNeedsTokenizer(Stage,
 
 @hookimpl
 def recipe_components():
-    return [ToyNumbers, ToyMarker, ToyUpper, ToyReport, ToyNeedsTokenizer, ToyScratch]
+    return [ToyNumbers, ToyMarker, ToyUpper, ToyReport, ToyNeedsTokenizer, ToyScratch,
+            ToyConcat]
 
 
 @hookimpl

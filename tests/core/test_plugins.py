@@ -216,7 +216,7 @@ def test_make_plugin_manager_registers_exactly_the_given_plugins():
     import toy_plugin
 
     pm = make_plugin_manager(toy_plugin)
-    assert pm.registry.names("stage") == ["toy_needs_tokenizer", "toy_numbers", "toy_report",
+    assert pm.registry.names("stage") == ["toy_concat", "toy_needs_tokenizer", "toy_numbers", "toy_report",
                                           "toy_scratch", "toy_upper"]
     assert pm.packages == {"toy_plugin": "toy_plugin"}
 
