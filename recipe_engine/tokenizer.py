@@ -8,7 +8,12 @@
 ``Tokenizer`` is the interface every tokenizer implementation follows (and the base class a
 plugin's own tokenizer subclasses); ``SentencePieceTokenizer`` is the built-in one, for the
 artifacts the ``sentencepiece_bpe`` stage writes. ``Tokenizer.load(dir)`` reads
-``tokenizer.json`` and returns the implementation its ``"format"`` names.
+``tokenizer.json`` and returns the implementation its ``"format"`` names. A plugin's format
+(say ``"hf_tokenizers"``, from the built-in ``hf_byte_bpe`` stage) is a ``Tokenizer``
+subclass defined at the top level of a module its plugin's entry point imports: when a
+format is not known yet, ``load`` loads the installed plugins once (as ``recipe`` does) and
+looks again, so any process (a training worker, an evaluation, an export) can load any
+installed tokenizer kind without importing its plugin first.
 
 For the SentencePiece tokenizer ``decode(encode(t)) == t`` for every string ``t`` (byte
 fallback covers characters the vocabulary lacks). Two details make that hold for code, and
@@ -77,6 +82,9 @@ class Tokenizer:
     pad_id: int
     unk_id: int
     info: dict[str, Any]  # the artifact's tokenizer.json
+    # tokens declared in the recipe (chat roles, fill-in-the-middle...): name -> id; each is
+    # one id wherever its text occurs, and decodes to its text
+    special_tokens: dict[str, int] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -99,9 +107,13 @@ class Tokenizer:
         fmt = info.get("format", SentencePieceTokenizer.format)
         impl = Tokenizer._formats.get(fmt)
         if impl is None:
+            _load_installed_plugins()
+            impl = Tokenizer._formats.get(fmt)
+        if impl is None:
             raise ValueError(
                 f"{info_file}: tokenizer format {fmt!r} is unknown; known: "
-                f"{sorted(Tokenizer._formats)} (import the plugin that provides it first)")
+                f"{sorted(Tokenizer._formats)} (install the plugin that provides it, or import the "
+                "plugin's module that defines it first)")
         return impl.from_directory(path, info)
 
     @classmethod
@@ -129,6 +141,20 @@ class Tokenizer:
                 f"eos_id={self.eos_id}, pad_id={self.pad_id})")
 
 
+_plugins_loaded = False
+
+
+def _load_installed_plugins() -> None:
+    """Import every installed plugin (entry-point group ``recipe_engine.plugins``), once per
+    process: a plugin's ``Tokenizer`` subclasses register their formats on import."""
+    global _plugins_loaded
+    if not _plugins_loaded:
+        from .plugins import PluginManager
+
+        PluginManager()
+        _plugins_loaded = True
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model plus the special ids recorded in ``tokenizer.json``."""
 
@@ -142,6 +168,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = int(processor.eos_id())
         self.pad_id = int(processor.pad_id())
         self.unk_id = int(processor.unk_id())
+        self.special_tokens = {str(k): int(v) for k, v in info.get("special_tokens", {}).items()}
         self._escape = bool(info.get("escape", True))
 
     @classmethod

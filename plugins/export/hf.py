@@ -1,17 +1,23 @@
 """Writing (and reading back) a Hugging Face ``LlamaForCausalLM`` directory.
 
 Our Llama uses HF's conventions (rotate-half RoPE, KV heads repeated contiguously), so the
-weights only change names. The tokenizer is SentencePiece BPE with byte fallback; the fast
-(``tokenizers``) version that transformers derives from ``tokenizer.model`` is given the same
-escape of U+2581 / U+E000 our runtime ``Tokenizer`` applies, so both produce the same ids.
+weights only change names. The tokenizer is exported for both built-in tokenizer formats so
+that ``AutoTokenizer`` gives the ids our runtime ``Tokenizer`` gives:
+
+* ``sentencepiece`` (``sentencepiece_bpe``, BPE or unigram): the fast (``tokenizers``)
+  version transformers derives from ``tokenizer.model``, given the same escape of U+2581 /
+  U+E000 our runtime applies, digit splitting when the model splits digits; declared special
+  tokens (SentencePiece user-defined symbols) become added tokens matched in the text.
+* ``hf_tokenizers`` (``hf_byte_bpe``): the artifact's own ``hf_tokenizer.json``, with a
+  post-processor that prepends ``<s>``.
 
 Layout of an export::
 
     config.json  generation_config.json  model.safetensors      <- AutoModelForCausalLM
-    tokenizer.json  tokenizer_config.json  special_tokens_map.json  tokenizer.model
+    tokenizer.json  tokenizer_config.json  special_tokens_map.json  [tokenizer.model]
                                                                  <- AutoTokenizer
     README.md                                                    <- model card
-    recipe_engine/  model.json  tokenizer.model  tokenizer.json  <- our own code
+    recipe_engine/  model.json  + the tokenizer artifact's files <- our own code
                                                                     (load_export)
 """
 from __future__ import annotations
@@ -104,17 +110,56 @@ def hf_state_dict(model: torch.nn.Module, tied: bool, dtype: torch.dtype) -> dic
 
 
 def hf_tokenizer(tokenizer_dir: Path, max_length: int) -> Any:
-    """A ``PreTrainedTokenizerFast`` giving the same ids as our runtime Tokenizer.
+    """A ``PreTrainedTokenizerFast`` giving the same ids as our runtime Tokenizer, for a
+    tokenizer artifact of either built-in format."""
+    info_file = Path(tokenizer_dir) / "tokenizer.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    fmt = info.get("format", "sentencepiece")
+    if fmt == "sentencepiece":
+        return sentencepiece_hf_tokenizer(tokenizer_dir, max_length)
+    if fmt == "hf_tokenizers":
+        return byte_level_hf_tokenizer(tokenizer_dir, info, max_length)
+    raise StageError(f"hf_export: no Hugging Face tokenizer for the tokenizer format {fmt!r} "
+                     f"({info_file}); known: sentencepiece, hf_tokenizers")
+
+
+def byte_level_hf_tokenizer(tokenizer_dir: Path, info: dict[str, Any], max_length: int) -> Any:
+    """The ``hf_byte_bpe`` artifact's own ``tokenizers`` file, with ``<s>`` prepended by a
+    post-processor (as in training: every document started with bos) and bos/eos/pad/unk in
+    the text kept as text (``split_special_tokens``), as our runtime does. Declared special
+    tokens are added tokens that are not "special": matched in the text, kept on decode."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Backend.from_file(str(Path(tokenizer_dir) / info.get("tokenizer_file",
+                                                                   "hf_tokenizer.json")))
+    names = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>",
+             **info.get("special_token_names", {})}
+    bos = names["bos"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, info["bos_id"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=max_length, padding_side="right",
+        clean_up_tokenization_spaces=False, split_special_tokens=True,
+        **{f"{k}_token": v for k, v in names.items() if info.get(f"{k}_id", -1) >= 0})
+
+
+def sentencepiece_hf_tokenizer(tokenizer_dir: Path, max_length: int) -> Any:
+    """A ``PreTrainedTokenizerFast`` giving the same ids as our SentencePiece runtime.
 
     transformers' Llama converter turns the SentencePiece BPE model into a ``tokenizers`` BPE
     (byte fallback, " " -> U+2581, no dummy prefix with ``add_prefix_space=False``). Our
     runtime escapes U+E000 and U+2581 before encoding; the same replacements go first in the
     normalizer, and their inverse last in the decoder. ``<s>`` is added in front, as in
     training (every document started with bos); nothing at the end. Special tokens written
-    in the text ("<s>") are plain text, as SentencePiece treats them.
+    in the text ("<s>") are plain text, as SentencePiece treats them; declared ones
+    (user-defined symbols) are added tokens the converter marks not special: one id each,
+    matched in the text. A model trained with ``split_digits`` gets a pre-tokenizer that
+    isolates every digit, as SentencePiece does (the converter leaves that out).
     """
     import sentencepiece as spm
-    from tokenizers import decoders, normalizers
+    from tokenizers import decoders, normalizers, pre_tokenizers
     from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
     model_file = Path(tokenizer_dir) / "tokenizer.model"
@@ -128,6 +173,8 @@ def hf_tokenizer(tokenizer_dir: Path, max_length: int) -> Any:
         vocab_file=str(model_file), from_slow=True, legacy=True, add_prefix_space=False,
         add_bos_token=True, add_eos_token=False, **specials)
     backend = slow_to_fast.backend_tokenizer
+    if info.get("model_type") == "unigram":
+        backend = _unigram_without_control_pieces(backend, sp)
     if info.get("escape", True):
         backend.normalizer = normalizers.Sequence([
             normalizers.Replace(ESC, ESC + ESC), normalizers.Replace(SPACE, ESC + "_"),
@@ -138,11 +185,35 @@ def hf_tokenizer(tokenizer_dir: Path, max_length: int) -> Any:
             decoders.Replace(ESC + ESC, _PLACEHOLDER), decoders.Replace(ESC + "_", SPACE),
             decoders.Replace(_PLACEHOLDER, ESC),
         ])
+    if info.get("split_digits"):
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        backend.pre_tokenizer = (digits if backend.pre_tokenizer is None else
+                                 pre_tokenizers.Sequence([digits, backend.pre_tokenizer]))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, model_max_length=max_length, padding_side="right",
         clean_up_tokenization_spaces=False, add_bos_token=True, add_eos_token=False,
         split_special_tokens=True,  # "<s>" in text is text, as for SentencePiece
         **{k: v for k, v in specials.items() if v is not None})
+
+
+CONTROL_SCORE = -1000.0  # far below any path of ordinary pieces; see below
+
+
+def _unigram_without_control_pieces(backend: Any, sp: Any) -> Any:
+    """SentencePiece never matches a control piece (``<s>``, ``</s>``, ``<pad>``) or
+    ``<unk>`` in the text, but the converted ``tokenizers`` Unigram model holds them as
+    ordinary pieces of score 0, the best there is, so "<s>" in the text would become bos.
+    Their score is set far below any ordinary path instead. (The score of an unknown
+    character derives from the lowest score; every path through that character pays it
+    alike, so no segmentation changes.)"""
+    from tokenizers import Tokenizer as Backend
+
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    for i in range(len(vocab)):
+        if sp.is_control(i) or sp.is_unknown(i):
+            vocab[i][1] = CONTROL_SCORE
+    return Backend.from_str(json.dumps(spec))
 
 
 def build_model(spec: dict[str, Any], build: Callable[[Any, Any], Any] | None = None
@@ -187,15 +258,19 @@ def export_hf(ctx: StageContext, dtype: str = "float32") -> None:
     ctx.progress(1, 3, "parts")
 
     hf_tokenizer(tok_art.path, spec["max_seq_len"]).save_pretrained(out)
-    if getattr(tokenizer, "info", {}).get("model_type", "bpe") != "bpe":
-        ctx.log("the tokenizer is a SentencePiece unigram model: the Hugging Face tokenizer "
-                "can split a few runs of equal-score pieces (long whitespace) differently")
-    shutil.copy2(Path(tok_art.path) / "tokenizer.model", out / "tokenizer.model")
+    info = getattr(tokenizer, "info", {})
+    if info.get("format", "sentencepiece") == "sentencepiece":
+        if info.get("model_type", "bpe") != "bpe":
+            ctx.log("the tokenizer is a SentencePiece unigram model: the Hugging Face "
+                    "tokenizer can split a few runs of equal-score pieces (long whitespace) "
+                    "differently")
+        shutil.copy2(Path(tok_art.path) / "tokenizer.model", out / "tokenizer.model")
     native = out / NATIVE_DIR
     native.mkdir()
     shutil.copy2(Path(ckpt.path) / "model.json", native / "model.json")
+    own_files = {info.get("model_file"), info.get("tokenizer_file")}  # named in tokenizer.json
     for f in sorted(Path(tok_art.path).iterdir()):
-        if f.is_file() and f.name.startswith("tokenizer"):
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name in own_files):
             shutil.copy2(f, native / f.name)
     ctx.progress(2, 3, "parts")
 
@@ -257,11 +332,22 @@ def model_card(spec: dict[str, Any], config: Any, num_params: int, dtype: str,
         "tok = AutoTokenizer.from_pretrained(path)  # prepends <s>, as in training",
         "model = AutoModelForCausalLM.from_pretrained(path)", "```", "",
         "```", "lm_eval --model hf --model_args pretrained=PATH --tasks ...", "```", "",
-        "The tokenizer is SentencePiece BPE with byte fallback; whitespace, newlines and any",
+        _tokenizer_sentence(tok),
         "Unicode text round-trip exactly. `recipe_engine/` holds the recipe-engine model config",
         "and tokenizer files (`recipe_engine_plugins.export.hf.load_export(path)`).", "",
     ]
     return "\n".join(lines)
+
+
+def _tokenizer_sentence(tok: Any) -> str:
+    info = {}
+    info_file = Path(tok.path) / "tokenizer.json"
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+    if info.get("format") == "hf_tokenizers":
+        return "The tokenizer is byte-level BPE (Hugging Face tokenizers); whitespace, newlines and any"
+    kind = "unigram" if info.get("model_type") == "unigram" else "BPE"
+    return f"The tokenizer is SentencePiece {kind} with byte fallback; whitespace, newlines and any"
 
 
 def load_export(directory: Path, build: Callable[[Any, Any], Any] | None = None

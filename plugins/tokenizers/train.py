@@ -1,99 +1,33 @@
 """``sentencepiece_bpe``: train a SentencePiece tokenizer for code on a documents artifact.
 
-The training text is a deterministic sample: every document gets a key
-``blake2b(seed, id)``; documents are taken in key order, first a small held-aside set (for the
-``bytes_per_token`` metric), then training documents up to ``max_training_bytes``. The sample
-depends neither on the order of the parts nor on the number of workers.
+The training text is a deterministic sample (``sampling.select_sample``): every document
+gets a key ``blake2b(seed, id)``; documents are taken in key order, first a small
+held-aside set (for the tokenizer report), then training documents up to
+``max_training_bytes``. The sample depends neither on the order of the parts nor on the
+number of workers, and memory stays bounded by the budget, not the corpus.
 
 Documents are fed whole (long ones cut at line ends), so newlines, tabs and runs of spaces
 are ordinary characters and may be merged into pieces (``":\\n"``, eight spaces of indent).
+Declared special tokens are SentencePiece user-defined symbols: one id each, never split,
+matched wherever they occur in the text, recorded by name in ``tokenizer.json``.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from recipe_engine import Problems, Stage, StageContext, StageError
-from recipe_engine.artifacts import list_parts, read_documents
 
-SENTENCE_BYTES = 1 << 16  # documents longer than this are cut at line ends for the trainer
-HELDOUT_BYTES = 1_000_000  # at most this much text held aside for bytes_per_token
-HELDOUT_FRACTION = 0.05  # ... and at most this fraction of the corpus
+from .sampling import (HELDOUT_BYTES, HELDOUT_FRACTION, SENTENCE_BYTES, _read_texts,  # noqa: F401
+                       _scan_part, check_special_tokens, publish_report, sample_key,
+                       select_sample, tokenizer_report, training_sentences)
+
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
-
-
-def sample_key(seed: int, doc_id: str) -> int:
-    """Position of a document in the training sample's order."""
-    digest = hashlib.blake2b(f"tokenizer-sample:{seed}:{doc_id}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "big")
-
-
-def _scan_part(task: tuple[str, int, int, int]) -> dict[str, Any]:
-    """Worker: keys and sizes of one part's documents, keeping only the smallest keys whose
-    sizes add up to ``budget`` (the global sample can take no more than that from one part)."""
-    path, part_index, seed, budget = task
-    rows: list[tuple[int, int, int, int]] = []  # key, part, line, bytes
-    seen = total = empty = 0
-    for line, doc in enumerate(read_documents(Path(path))):
-        seen += 1
-        text = doc.get("text")
-        if not isinstance(text, str) or not text:
-            empty += 1
-            continue
-        size = len(text.encode("utf-8"))
-        total += size
-        rows.append((sample_key(seed, str(doc.get("id", text))), part_index, line, size))
-    rows.sort()
-    kept, acc = [], 0
-    for row in rows:
-        if acc >= budget:
-            break
-        kept.append(row)
-        acc += row[3]
-    return {"seen": seen, "empty": empty, "bytes": total, "rows": kept}
-
-
-def _read_texts(task: tuple[str, dict[int, int]]) -> dict[int, str]:
-    """Worker: texts of the chosen lines of one part, each cut to its byte allowance."""
-    path, take = task
-    out: dict[int, str] = {}
-    for line, doc in enumerate(read_documents(Path(path))):
-        if line in take:
-            text = doc["text"]
-            if len(text.encode("utf-8")) > take[line]:
-                text = text.encode("utf-8")[: take[line]].decode("utf-8", "ignore")
-            out[line] = text
-    return out
-
-
-def training_sentences(texts: list[str], limit: int = SENTENCE_BYTES):
-    """Yield ``texts`` whole, or cut at line ends into pieces of at most ``limit`` bytes."""
-    for text in texts:
-        if len(text) * 4 <= limit or len(text.encode("utf-8")) <= limit:
-            yield text
-            continue
-        chunk: list[str] = []
-        size = 0
-        for line in text.splitlines(keepends=True):
-            n = len(line.encode("utf-8"))
-            if size + n > limit and chunk:
-                yield "".join(chunk)
-                chunk, size = [], 0
-            if n > limit:
-                step = limit // 4
-                for i in range(0, len(line), step):
-                    yield line[i : i + step]
-                continue
-            chunk.append(line)
-            size += n
-        if chunk:
-            yield "".join(chunk)
 
 
 def _printable_piece(piece: str) -> str:
@@ -114,13 +48,16 @@ class SentencePieceBPE(Stage,
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: float = 0.9999
     byte_fallback: bool = True
+    split_digits: bool = False
+    special_tokens: list[str] = field(default_factory=list)
     max_training_bytes: int = 20_000_000
     max_piece_length: int = 16
     num_threads: int = 0  # 0: os.cpu_count()
     seed: int = 0
 
     def check(self, problems: Problems) -> None:
-        minimum = len(SPECIAL_IDS) + (256 if self.byte_fallback else 0) + 1
+        minimum = (len(SPECIAL_IDS) + (256 if self.byte_fallback else 0)
+                   + len(self.special_tokens) + 1)
         problems.require(self.vocab_size >= minimum, "vocab_size",
                          f"{self.vocab_size} is too small: the special and byte-fallback pieces "
                          f"alone take {minimum - 1}")
@@ -131,6 +68,7 @@ class SentencePieceBPE(Stage,
                          "must be between 1 and 512")
         problems.require(self.num_threads >= 0, "num_threads",
                          "must be >= 0 (0: one per CPU core)")
+        check_special_tokens(self.special_tokens, problems)
 
     def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {"meta": {"vocab_size": self.vocab_size}}
@@ -140,67 +78,17 @@ class SentencePieceBPE(Stage,
                                              SentencePieceTokenizer, escape)
 
         start = time.perf_counter()
-        parts = list_parts(ctx.inputs["documents"].path)
-        if not parts:
-            raise StageError(f"no document parts in {ctx.inputs['documents'].path}")
+        sample = select_sample(ctx, self.seed, self.max_training_bytes)
+        train_texts = sample.train
 
-        # 1. keys and sizes, part by part (in parallel); keep each part's smallest keys
-        budget = self.max_training_bytes + HELDOUT_BYTES
-        tasks = [(str(p), i, self.seed, budget) for i, p in enumerate(parts)]
-        rows: list[tuple[int, int, int, int]] = []
-        seen = total = 0
-        for done, res in enumerate(ctx.executor.map(_scan_part, tasks), 1):
-            seen += res["seen"]
-            total += res["bytes"]
-            if res["empty"]:
-                ctx.skip("empty_text", res["empty"])
-            rows += res["rows"]
-            ctx.progress(done, len(parts), "parts scanned")
-        ctx.count("documents", seen)
-        ctx.check_skips(seen)
-        rows.sort()
-        if not rows:
-            raise StageError("the documents artifact holds no text to train a tokenizer on")
-
-        # 2. held-aside documents first, then the training sample, both in key order
-        heldout_target = min(HELDOUT_BYTES, HELDOUT_FRACTION * total)
-        heldout, train = [], []
-        acc = 0
-        i = 0
-        while i < len(rows) - 1 and acc < heldout_target:  # always leave one to train on
-            heldout.append(rows[i])
-            acc += rows[i][3]
-            i += 1
-        acc = 0
-        take: dict[tuple[int, int], int] = {}
-        for row in rows[i:]:
-            if acc >= self.max_training_bytes:
-                break
-            train.append(row)
-            take[(row[1], row[2])] = min(row[3], self.max_training_bytes - acc)
-            acc += row[3]
-        for row in heldout:
-            take[(row[1], row[2])] = row[3]
-
-        by_part: dict[int, dict[int, int]] = {}
-        for (part, line), n in take.items():
-            by_part.setdefault(part, {})[line] = n
-        wanted = sorted(by_part)
-        read_tasks = [(str(parts[p]), by_part[p]) for p in wanted]
-        texts: dict[tuple[int, int], str] = {}
-        for part, got in zip(wanted, ctx.executor.map(_read_texts, read_tasks)):
-            texts.update({(part, line): t for line, t in got.items()})
-        train_texts = [texts[(r[1], r[2])] for r in train]
-        heldout_texts = [texts[(r[1], r[2])] for r in heldout]
-        training_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
-        ctx.count("training_documents", len(train_texts))
-        ctx.count("heldout_documents", len(heldout_texts))
-        ctx.log(f"training on {len(train_texts)} documents ({training_bytes / 1e6:.1f} MB of "
-                f"{total / 1e6:.1f} MB), {len(heldout_texts)} held aside")
-
-        # 3. train
+        # train
         import sentencepiece as spm
 
+        options: dict[str, Any] = {}  # only what differs from the defaults: same model bytes
+        if self.split_digits:
+            options["split_digits"] = True
+        if self.special_tokens:
+            options["user_defined_symbols"] = list(self.special_tokens)
         spm.set_random_generator_seed(self.seed)
         model = io.BytesIO()
         t0 = time.perf_counter()
@@ -224,6 +112,7 @@ class SentencePieceBPE(Stage,
                 input_sentence_size=0,
                 hard_vocab_limit=False,
                 **SPECIAL_IDS,
+                **options,
                 minloglevel=2,
             )
         except RuntimeError as e:
@@ -243,6 +132,7 @@ class SentencePieceBPE(Stage,
         if not self.byte_fallback:
             ctx.log("byte_fallback is off: characters outside the vocabulary decode as "
                     "unk, so decode(encode(text)) == text no longer holds for them")
+        special = {t: int(tok.sp.piece_to_id(t)) for t in self.special_tokens}
 
         info = {
             "format": "sentencepiece",
@@ -251,6 +141,9 @@ class SentencePieceBPE(Stage,
             "vocab_size": tok.vocab_size,
             **{k: getattr(tok, k) for k in SPECIAL_IDS},
             "byte_fallback": self.byte_fallback,
+            # written only when used, so the default artifact's bytes stay as they were
+            **({"split_digits": True} if self.split_digits else {}),
+            **({"special_tokens": special} if special else {}),
             "add_bos": False,
             "add_eos": False,
             "newline": "literal: trained on whole documents with identity normalization; "
@@ -262,27 +155,27 @@ class SentencePieceBPE(Stage,
         }
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
-        # 4. bytes per token on the held-aside documents
-        measured = heldout_texts
+        # report on the held-aside documents
+        measured = sample.heldout
         if not measured:
-            ctx.log("too few documents to hold any aside; bytes_per_token is measured on the "
+            ctx.log("too few documents to hold any aside; the report is measured on the "
                     "training text")
-            measured = train_texts
-        ids = tok.encode_batch(measured)
-        num_tokens = sum(map(len, ids))
-        num_bytes = sum(len(t.encode("utf-8")) for t in measured)
+            measured = [(t, "training", None) for t in train_texts]
+        byte_ids = {i for i in range(tok.vocab_size) if tok.sp.is_byte(i)}
+        report = tokenizer_report(tok.encode_batch, measured, tok.vocab_size, byte_ids)
+        publish_report(ctx, report, "heldout" if sample.heldout else "training")
 
         ctx.meta.update({"vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                          "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id,
-                         "model_type": self.model_type})
+                         "model_type": self.model_type, "special_tokens": special})
         ctx.metrics.update({
-            "training_bytes": training_bytes,
+            "training_bytes": sample.training_bytes,
             "training_documents": len(train_texts),
             "seconds": round(time.perf_counter() - start, 3),
             "train_seconds": round(train_seconds, 3),
-            "heldout_bytes": num_bytes if heldout_texts else 0,
-            "bytes_per_token": round(num_bytes / max(num_tokens, 1), 4),
+            "heldout_bytes": report["bytes"] if sample.heldout else 0,
         })
-        ctx.log(f"vocab {tok.vocab_size}, {ctx.metrics['bytes_per_token']} bytes/token on "
-                f"{'held-aside' if heldout_texts else 'training'} text, "
+        ctx.log(f"vocab {tok.vocab_size}, {report['bytes_per_token']} bytes/token, "
+                f"byte fallback {report['byte_fallback_rate']:.2%} of tokens on "
+                f"{'held-aside' if sample.heldout else 'training'} text, "
                 f"trained in {train_seconds:.1f}s")

@@ -318,3 +318,181 @@ def test_not_enough_data(tmp_path, tokenizer_artifact):
     with pytest.raises(StageError, match="not enough data"):
         run_stage(MDSShards(seq_len=512, val_fraction=0.0), tmp_path / "s",
                   inputs={"documents": docs, "tokenizer": tokenizer_artifact})
+
+
+# -- declared special tokens, digit splitting, unigram end to end -------------------------------
+
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|user|>", "<|assistant|>", "<|system|>",
+           "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+CHAT = [
+    "<|im_start|>user\nfix\tthis<|im_end|>\n<|im_start|>assistant\n    return x<|im_end|>",
+    "<|fim_prefix|>def f(x):\n    <|fim_suffix|>\n    return y\n<|fim_middle|>y = x * 2",
+    "<|system|><|user|><|assistant|>", "<|im_start|><|im_start|>", "<|im_start", "<|im_end|x",
+    "<s> </s> <pad> <unk> are text", "x = 1234567 + 0.5e10  # 😀",
+]
+
+
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def special_artifact(request, tmp_path_factory, docs_artifact):
+    return run_stage(SentencePieceBPE(vocab_size=500, model_type=request.param, num_threads=1,
+                                      special_tokens=SPECIAL, split_digits=True),
+                     tmp_path_factory.mktemp(f"special-{request.param}"),
+                     inputs={"documents": docs_artifact})
+
+
+def test_special_tokens_are_single_ids(special_artifact):
+    tok = Tokenizer.load(special_artifact.path)
+    info = json.loads((special_artifact.path / "tokenizer.json").read_text())
+    assert info["special_tokens"] == special_artifact.meta["special_tokens"] == \
+        tok.special_tokens == {t: 4 + i for i, t in enumerate(SPECIAL)}
+    assert info["split_digits"] is True and tok.vocab_size == 500
+    for token, i in tok.special_tokens.items():
+        assert tok.encode(token) == [i] and tok.decode([i]) == token
+    ids = tok.encode(CHAT[0])
+    assert ids.count(tok.special_tokens["<|im_start|>"]) == 2
+    assert ids.count(tok.special_tokens["<|im_end|>"]) == 2
+    assert not set(tok.encode("<|im_start")) & set(tok.special_tokens.values())  # no partial
+    assert not {tok.bos_id, tok.eos_id, tok.pad_id} & set(tok.encode(CHAT[6]))  # text, not ids
+    for text in TRICKY + CHAT:
+        assert tok.decode(tok.encode(text)) == text, repr(text)
+
+
+def test_split_digits(special_artifact, tokenizer_artifact):
+    split = Tokenizer.load(special_artifact.path)
+    pieces = [split.sp.id_to_piece(i) for i in split.encode("x = 1234567")]
+    assert pieces[-7:] == list("1234567")
+    vocab = [split.sp.id_to_piece(i) for i in range(split.vocab_size) if not split.sp.is_byte(i)]
+    assert not any(sum(c in "0123456789" for c in p) > 1 for p in vocab)  # no multi-digit piece
+    default = json.loads((tokenizer_artifact.path / "tokenizer.json").read_text())
+    assert "split_digits" not in default and "special_tokens" not in default  # as before
+
+
+def test_bad_special_tokens_rejected():
+    for bad in (["<s>"], ["<|a|>", "<|a|>"], ["two words"], [""], ["<0x41>"]):
+        with pytest.raises(RecipeError, match="special_tokens"):
+            SentencePieceBPE(special_tokens=bad)
+    with pytest.raises(RecipeError, match="vocab_size"):
+        SentencePieceBPE(vocab_size=265, special_tokens=SPECIAL)
+
+
+def test_shards_with_special_tokens_bpe_and_unigram(tmp_path, docs_artifact, special_artifact):
+    """A unigram tokenizer, or one with special tokens, drives mds_shards like the default."""
+    art = run_stage(MDSShards(seq_len=64, val_fraction=0.1), tmp_path,
+                    inputs={"documents": docs_artifact, "tokenizer": special_artifact})
+    tok = Tokenizer.load(special_artifact.path)
+    assert (art.meta["vocab_size"], art.meta["bos_id"], art.meta["eos_id"]) == \
+        (tok.vocab_size, tok.bos_id, tok.eos_id)
+    val_ids = {d["id"] for d in iter_documents(art.path / "val_documents")}
+    train = [d["text"] for d in iter_documents(docs_artifact.path)
+             if d["text"] and d["id"] not in val_ids]
+    np.testing.assert_array_equal(np.stack(_read_mds(art.path / "train")),
+                                  _expected_packing(tok, train, 64))
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+def test_report_in_manifest(tmp_path):
+    prose = {"en": "The quick brown fox jumps over the lazy dog. " * 20,
+             "fr": "Le vif renard brun saute par-dessus le chien paresseux. " * 20,
+             "ja": "速い茶色の狐がのろまな犬を飛び越える。" * 20}
+    docs = []
+    for i in range(120):
+        lang = list(prose)[i % 3]
+        docs.append({"id": f"web/{i}", "text": f"{i}: " + prose[lang], "language": lang,
+                     "path": None})  # no source field: the id prefix names the source
+        docs.append({"id": f"code-{i}", "text": _synthetic_doc(random.Random(i), i),
+                     "source": "code", "path": None})
+    art = run_stage(SentencePieceBPE(vocab_size=400, num_threads=1, character_coverage=0.99),
+                    tmp_path / "tok", inputs={"documents": _documents(tmp_path / "d", docs)})
+    report = art.meta["report"]
+    assert report["measured_on"] == "heldout"
+    assert report["documents"] == art.manifest["counts"]["heldout_documents"] >= 4
+    assert set(report["by_source"]) == {"web", "code"}
+    assert set(report["by_language"]) <= {"en", "fr", "ja"} and report["by_language"]
+    assert sum(g["documents"] for g in report["by_source"].values()) == report["documents"]
+    assert sum(g["documents"] for g in report["by_language"].values()) == \
+        report["by_source"]["web"]["documents"]
+    for group in [report, *report["by_source"].values(), *report["by_language"].values()]:
+        assert group["bytes_per_token"] == round(group["bytes"] / group["tokens"], 4)
+        assert group["words_per_token"] == round(group["words"] / group["tokens"], 4)
+    # some characters are rarer than character_coverage keeps: they fall back to bytes
+    assert 0 < report["byte_fallback_rate"] < 1
+    assert 0 < report["vocab_used_fraction"] <= 1
+    m = art.manifest["metrics"]
+    for key in ("bytes_per_token", "words_per_token", "byte_fallback_rate",
+                "vocab_used_fraction"):
+        assert m[key] == report[key]
+
+
+# -- bounded memory of the sample ---------------------------------------------------------------
+
+
+def test_sample_heap_is_bounded_and_exact():
+    """The streamed heaps keep every row the selection takes (the same selection as sorting
+    all rows), while holding about budget / document size rows, not one per document."""
+    from recipe_engine_plugins.tokenizers import sampling
+
+    def select(rows, total, max_training):
+        rows = sorted(rows)
+        target = min(sampling.HELDOUT_BYTES, sampling.HELDOUT_FRACTION * total)
+        acc = i = 0
+        while i < len(rows) - 1 and acc < target:
+            acc += rows[i][3]
+            i += 1
+        taken, acc = rows[:i], 0
+        for row in rows[i:]:
+            if acc >= max_training:
+                break
+            taken.append(row)
+            acc += row[3]
+        return taken
+
+    rng = random.Random(0)
+    for trial in range(20):
+        max_training = rng.choice([1, 5_000, 50_000, 400_000])
+        parts = [[(rng.getrandbits(64), p, line, rng.choice([1, 50, 900, 30_000, 2_000_000]))
+                  for line in range(rng.randint(0, 3000))] for p in range(rng.randint(1, 4))]
+        everything = [r for part in parts for r in part]
+        total = sum(r[3] for r in everything)
+        budget = max_training + sampling.HELDOUT_BYTES
+        merged = sampling.KeyHeap(budget)
+        for part in parts:
+            heap = sampling.KeyHeap(budget)
+            for row in part:
+                heap.push(row)
+            merged.merge(heap.rows(), heap.max_size)
+        assert select(merged.rows(), total, max_training) == \
+            select(everything, total, max_training), trial
+    many = sampling.KeyHeap(10_000)
+    for line in range(200_000):
+        many.push((rng.getrandbits(64), 0, line, 100))
+    assert len(many) <= 10_000 // 100 + 2
+
+
+def test_hf_export_tokenizer_gives_our_ids(tmp_path, special_artifact):
+    """The exported fast tokenizer (AutoTokenizer) gives our ids, special tokens included,
+    for BPE and unigram. Unigram: runs of one repeated character can tie exactly between
+    orders of the same pieces (SentencePiece breaks the tie in float32 sums); there the
+    pieces are the same, in an order that may differ."""
+    from transformers import AutoTokenizer
+
+    from recipe_engine_plugins.export.hf import hf_tokenizer
+
+    tok = Tokenizer.load(special_artifact.path)
+    hf_tokenizer(special_artifact.path, 64).save_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf)) == \
+        (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size)
+    for text in TRICKY + CHAT:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == ids, repr(text)
+        assert hf(text)["input_ids"] == [tok.bos_id, *ids]
+        assert hf.decode(ids) == text
+    for token, i in tok.special_tokens.items():
+        assert hf.convert_tokens_to_ids(token) == i
+    run = " " * 33 + "x" + "\t" * 21
+    ids = hf.encode(run, add_special_tokens=False)
+    if special_artifact.meta["model_type"] == "bpe":
+        assert ids == tok.encode(run)
+    assert sorted(ids) == sorted(tok.encode(run)) and hf.decode(ids) == run
