@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 from recipe_engine import Problems, Stage, StageContext, StageError
 from recipe_engine.tokenizer import INFO_FILE, Tokenizer
 
-from .sampling import (RESERVED_TOKENS, check_special_tokens, publish_report, select_sample,
+from .sampling import (RESERVED_TOKENS, check_special_tokens, measured_on, publish_report, select_sample,
                        tokenizer_report)
 
 HF_FILE = "hf_tokenizer.json"  # the tokenizers library's own file (INFO_FILE is ours)
@@ -100,7 +100,7 @@ class HFByteBPE(Stage,
                 version="1",
                 description="Byte-level BPE (Hugging Face tokenizers): no unknown characters, "
                             "decode(encode(t)) == t",
-                inputs={"documents": "documents"},
+                inputs={"documents": ["documents"]},
                 output="tokenizer"):
     """Byte-level BPE trained with Hugging Face ``tokenizers`` on a deterministic sample."""
 
@@ -195,7 +195,7 @@ class HFByteBPE(Stage,
                     "training text")
             measured = [(t, "training", None) for t in sample.train]
         report = tokenizer_report(tok.encode_batch, measured, vocab_size, tok.byte_ids())
-        publish_report(ctx, report, "heldout" if sample.heldout else "training")
+        publish_report(ctx, report, measured_on(sample))
 
         ctx.meta.update({"vocab_size": vocab_size, **ids, "model_type": "byte_level_bpe",
                          "special_tokens": special})

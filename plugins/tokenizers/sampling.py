@@ -4,7 +4,14 @@
 order, first a small held-aside set (at most ``HELDOUT_BYTES`` and ``HELDOUT_FRACTION`` of
 the corpus, for the report), then training documents up to ``max_training_bytes`` (the last
 one cut to fit). The sample depends neither on the order of the parts nor on the number of
-workers.
+workers. The input may be several documents artifacts (a list slot: one per data stream);
+their parts are read as one corpus.
+
+**Evaluation documents.** A document marked held out upstream (``split: heldout``, the
+``heldout_split`` stage) is never trained on. When the corpus has such documents, the
+report is computed on them (the smallest keys, up to ``HELDOUT_BYTES``) instead of on a
+held-aside set, so its figures are the tokenizer's on the text every evaluation uses, and
+no training document is set aside. Without marks the sample is what it always was.
 
 Memory stays bounded whatever the corpus size: a part is scanned as a stream into a heap
 that keeps only the smallest keys whose sizes add up to the budget (plus the largest
@@ -26,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from recipe_engine import StageContext, StageError
-from recipe_engine.artifacts import list_parts, read_documents
+from recipe_engine.artifacts import is_heldout, list_parts, read_documents
 
 SENTENCE_BYTES = 1 << 16  # documents longer than this are cut at line ends for the trainer
 HELDOUT_BYTES = 1_000_000  # at most this much text held aside for the report
@@ -55,11 +62,13 @@ class KeyHeap:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.total = 0
+        self.total_seen = 0  # rows ever pushed
         self.max_size = 0
         self._heap: list[tuple[int, int, int, int]] = []  # negated key/part/line: a max-heap
 
     def push(self, row: Row) -> None:
         heapq.heappush(self._heap, (-row[0], -row[1], -row[2], row[3]))
+        self.total_seen += 1
         self.total += row[3]
         self.max_size = max(self.max_size, row[3])
         while self._heap and self.total - self._heap[0][3] >= self.budget + self.max_size:
@@ -82,6 +91,7 @@ def _scan_part(task: tuple[str, int, int, int]) -> dict[str, Any]:
     from it (``KeyHeap`` with the global budget)."""
     path, part_index, seed, budget = task
     heap = KeyHeap(budget)
+    marked = KeyHeap(HELDOUT_BYTES)  # evaluation documents: the report's, never trained on
     seen = total = empty = 0
     for line, doc in enumerate(read_documents(Path(path))):
         seen += 1
@@ -90,10 +100,15 @@ def _scan_part(task: tuple[str, int, int, int]) -> dict[str, Any]:
             empty += 1
             continue
         size = len(text.encode("utf-8"))
+        row = (sample_key(seed, str(doc.get("id", text))), part_index, line, size)
+        if is_heldout(doc):
+            marked.push(row)
+            continue
         total += size
-        heap.push((sample_key(seed, str(doc.get("id", text))), part_index, line, size))
+        heap.push(row)
     return {"seen": seen, "empty": empty, "bytes": total, "rows": heap.rows(),
-            "max_size": heap.max_size}
+            "max_size": heap.max_size, "marked_rows": marked.rows(),
+            "marked_max_size": marked.max_size, "marked": marked.total_seen}
 
 
 def doc_source(doc: dict[str, Any]) -> str:
@@ -126,48 +141,63 @@ class Sample:
     """The training texts and the held-aside documents ``(text, source, language)``."""
 
     def __init__(self, train: list[str], heldout: list[tuple[str, str, str | None]],
-                 total_bytes: int) -> None:
+                 total_bytes: int, marked: bool = False) -> None:
         self.train = train
         self.heldout = heldout
+        self.marked = marked  # heldout holds the corpus's marked evaluation documents
         self.total_bytes = total_bytes
         self.training_bytes = sum(len(t.encode("utf-8")) for t in train)
 
 
 def select_sample(ctx: StageContext, seed: int, max_training_bytes: int) -> Sample:
-    """Scan the ``documents`` input (in parallel, part by part), pick the held-aside and the
-    training documents in key order and read their texts. Counts ``documents``,
-    ``skipped.empty_text``, ``training_documents`` and ``heldout_documents``."""
-    parts = list_parts(ctx.inputs["documents"].path)
+    """Scan the ``documents`` input(s) (in parallel, part by part), pick the held-aside (or
+    the marked evaluation) and the training documents in key order and read their texts.
+    Counts ``documents``, ``skipped.empty_text``, ``training_documents``,
+    ``heldout_documents`` and ``excluded_heldout`` (marked documents, not trained on)."""
+    arts = ctx.input_lists.get("documents") or [ctx.inputs["documents"]]
+    parts = [p for art in arts for p in list_parts(art.path)]
     if not parts:
-        raise StageError(f"no document parts in {ctx.inputs['documents'].path}")
+        raise StageError("no document parts in " + ", ".join(str(a.path) for a in arts))
 
     # 1. keys and sizes, part by part (in parallel); keep what the sample can take
     budget = max_training_bytes + HELDOUT_BYTES
     tasks = [(str(p), i, seed, budget) for i, p in enumerate(parts)]
     heap = KeyHeap(budget)
-    seen = total = 0
+    marked = KeyHeap(HELDOUT_BYTES)
+    seen = total = num_marked = 0
     for done, res in enumerate(ctx.executor.map(_scan_part, tasks), 1):
         seen += res["seen"]
         total += res["bytes"]
+        num_marked += res["marked"]
         if res["empty"]:
             ctx.skip("empty_text", res["empty"])
         heap.merge(res["rows"], res["max_size"])
+        marked.merge(res["marked_rows"], res["marked_max_size"])
         ctx.progress(done, len(parts), "parts scanned")
     ctx.count("documents", seen)
     ctx.check_skips(seen)
     rows = heap.rows()
     if not rows:
-        raise StageError("the documents artifact holds no text to train a tokenizer on")
+        raise StageError("the documents artifact holds no text to train a tokenizer on"
+                         + (f" ({num_marked} documents are marked held out)" if num_marked else ""))
 
     # 2. held-aside documents first, then the training sample, both in key order
-    heldout_target = min(HELDOUT_BYTES, HELDOUT_FRACTION * total)
     heldout, train = [], []
     acc = 0
     i = 0
-    while i < len(rows) - 1 and acc < heldout_target:  # always leave one to train on
-        heldout.append(rows[i])
-        acc += rows[i][3]
-        i += 1
+    if num_marked:  # the marked evaluation documents are the report's; none set aside
+        ctx.count("excluded_heldout", num_marked)
+        for row in marked.rows():
+            if acc >= HELDOUT_BYTES:
+                break
+            heldout.append(row)
+            acc += row[3]
+    else:
+        heldout_target = min(HELDOUT_BYTES, HELDOUT_FRACTION * total)
+        while i < len(rows) - 1 and acc < heldout_target:  # always leave one to train on
+            heldout.append(rows[i])
+            acc += rows[i][3]
+            i += 1
     acc = 0
     take: dict[tuple[int, int], int] = {}
     for row in rows[i:]:
@@ -188,7 +218,7 @@ def select_sample(ctx: StageContext, seed: int, max_training_bytes: int) -> Samp
     for part, got in zip(wanted, ctx.executor.map(_read_texts, read_tasks)):
         docs.update({(part, line): d for line, d in got.items()})
     sample = Sample([docs[(r[1], r[2])][0] for r in train],
-                    [docs[(r[1], r[2])] for r in heldout], total)
+                    [docs[(r[1], r[2])] for r in heldout], total, marked=bool(num_marked))
     ctx.count("training_documents", len(sample.train))
     ctx.count("heldout_documents", len(sample.heldout))
     ctx.log(f"training on {len(sample.train)} documents ({sample.training_bytes / 1e6:.1f} MB "
@@ -301,6 +331,12 @@ def tokenizer_report(encode_batch: Callable[[list[str]], list[list[int]]],
         "by_source": _groups(by_source),
         "by_language": _groups(by_language),
     }
+
+
+def measured_on(sample: Sample) -> str:
+    """What the report was computed on: ``evaluation`` (the marked held-out documents),
+    ``heldout`` (the held-aside set) or ``training`` (the training text: a tiny corpus)."""
+    return "evaluation" if sample.marked else "heldout" if sample.heldout else "training"
 
 
 def publish_report(ctx: StageContext, report: dict[str, Any], measured_on: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from recipe_engine import Problems, Stage, StageContext, StageError
 
 from .sampling import (HELDOUT_BYTES, HELDOUT_FRACTION, SENTENCE_BYTES, _read_texts,  # noqa: F401
-                       _scan_part, check_special_tokens, publish_report, sample_key,
+                       _scan_part, check_special_tokens, measured_on, publish_report, sample_key,
                        select_sample, tokenizer_report, training_sentences)
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
@@ -40,7 +40,7 @@ class SentencePieceBPE(Stage,
                        version="1",
                        description="SentencePiece BPE/unigram for code: whitespace and newlines kept, byte fallback, "
         "decode(encode(t)) == t",
-                       inputs={"documents": "documents"},
+                       inputs={"documents": ["documents"]},
                        output="tokenizer"):
     """Byte-fallback SentencePiece (BPE or unigram) that round-trips code exactly."""
 
@@ -163,7 +163,7 @@ class SentencePieceBPE(Stage,
             measured = [(t, "training", None) for t in train_texts]
         byte_ids = {i for i in range(tok.vocab_size) if tok.sp.is_byte(i)}
         report = tokenizer_report(tok.encode_batch, measured, tok.vocab_size, byte_ids)
-        publish_report(ctx, report, "heldout" if sample.heldout else "training")
+        publish_report(ctx, report, measured_on(sample))
 
         ctx.meta.update({"vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
                          "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id,

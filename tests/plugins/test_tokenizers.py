@@ -496,3 +496,41 @@ def test_hf_export_tokenizer_gives_our_ids(tmp_path, special_artifact):
     if special_artifact.meta["model_type"] == "bpe":
         assert ids == tok.encode(run)
     assert sorted(ids) == sorted(tok.encode(run)) and hf.decode(ids) == run
+
+
+# -- held-out documents and several inputs ----------------------------------------------------
+
+def test_marked_heldout_documents_are_never_trained_on(tmp_path, corpus):
+    """A marked evaluation document holding a word found nowhere else: the tokenizer learns
+    no piece of it, reports on the marked documents, and counts them as excluded."""
+    rare = "zqxjvkwzqxjvkw"
+    marked = [{"id": f"eval-{i}", "text": (f"{rare} " * 200 + "\n") * 5, "source": "eval",
+               "path": None, "split": "heldout"} for i in range(3)]
+    docs = _documents(tmp_path / "docs", corpus + marked)
+    art = run_stage(SentencePieceBPE(vocab_size=400, num_threads=1), tmp_path / "tok",
+                    inputs={"documents": docs})
+    tok = Tokenizer.load(art.path)
+    pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    assert not any("zqx" in p or "jvk" in p or "kwz" in p for p in pieces)
+    counts = art.manifest["counts"]
+    assert counts["excluded_heldout"] == 3
+    assert counts["heldout_documents"] == 3  # the report's documents are the marked ones
+    assert counts["training_documents"] == len([d for d in corpus if d["text"]])
+    report = art.manifest["meta"]["report"]
+    assert report["measured_on"] == "evaluation" and list(report["by_source"]) == ["eval"]
+    # the unmarked corpus alone trains the same model: marked documents change nothing
+    alone = run_stage(SentencePieceBPE(vocab_size=400, num_threads=1), tmp_path / "tok2",
+                      inputs={"documents": _documents(tmp_path / "docs2", corpus + [
+                          {**marked[0], "id": "x", "text": "def f(): pass\n" * 3}])})
+    assert (alone.path / "tokenizer.model").read_bytes() == (art.path / "tokenizer.model").read_bytes()
+
+
+def test_several_documents_inputs_are_one_corpus(tmp_path, corpus, tokenizer_artifact):
+    """Split across two artifacts (two data streams), the corpus trains the same tokenizer."""
+    first = _documents(tmp_path / "a", corpus[:40], num_parts=2)
+    second = _documents(tmp_path / "b", corpus[40:], num_parts=2)
+    art = run_stage(SentencePieceBPE(vocab_size=400, num_threads=1), tmp_path / "tok",
+                    inputs={"documents": [first, second]})
+    assert (art.path / "tokenizer.model").read_bytes() == \
+        (tokenizer_artifact.path / "tokenizer.model").read_bytes()
+    assert art.manifest["counts"]["documents"] == len(corpus)
