@@ -192,4 +192,6 @@ def flatten_results(results: dict[str, Any]) -> dict[str, float]:
 
 @hookimpl
 def recipe_components():
-    return [HeldoutEval, LmEval]
+    from .code_exec import CodeExecEval  # stdlib only: sandbox, problems, pass@k
+
+    return [HeldoutEval, LmEval, CodeExecEval]
