@@ -228,7 +228,10 @@ class ComposerTrain(Stage,
     Resume: Composer checkpoints (model, optimizer, scheduler, RNG, data position) go to the
     stage's work directory every ``save_interval`` under a fixed run name with
     ``autoresume``; a killed stage started again continues from its last checkpoint at the
-    same sample, and ends with the weights an uninterrupted run would have.
+    same sample, and ends with the weights an uninterrupted run would have. The global sample
+    order depends on ``seed``, ``global_batch_size`` and ``num_canonical_nodes`` only, so a run
+    resumed on another number of processes or nodes continues it too. Each checkpoint holds
+    the training data's fingerprint; resuming from one made from other shards is an error.
     """
 
     model: ModelConfig
@@ -248,6 +251,7 @@ class ComposerTrain(Stage,
     eval_batches: int = 0  # 0: the whole validation split
     seed: int = 17
     num_workers: int = 0  # DataLoader workers per process
+    num_canonical_nodes: int = 0  # streaming's shuffle partitions; 0 = the first attempt's nodes
     log_interval: int = 10  # batches between log lines
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # per-device peak for MFU (e.g. 989 for H100 bf16 dense); 0 = no MFU
@@ -278,7 +282,8 @@ class ComposerTrain(Stage,
         problems.require(self.num_checkpoints_to_keep >= 1 or self.num_checkpoints_to_keep == -1,
                          "num_checkpoints_to_keep", "must be >= 1, or -1 to keep all (resume "
                          f"needs at least the last checkpoint), got {self.num_checkpoints_to_keep}")
-        for key in ("eval_batches", "num_workers", "grad_clip_norm", "peak_tflops"):
+        for key in ("eval_batches", "num_workers", "grad_clip_norm", "peak_tflops",
+                    "num_canonical_nodes"):
             problems.require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         problems.require(self.log_interval >= 1, "log_interval",
                          f"must be >= 1, got {self.log_interval}")

@@ -1,10 +1,24 @@
 """The ``composer_train`` stage's body: Composer's ``Trainer`` over mosaicml-streaming shards.
 
 Runs in the stage's process (one device), or in each process that ``worker.py`` launched.
-Reads top to bottom: data, model wrapper, callback, then ``train``.
+Reads top to bottom: data, model wrapper, callbacks, then ``train``.
+
+Resume. Every Composer checkpoint holds the model, optimizer, scheduler, RNG, this module's
+callbacks' state and the ``StreamingDataset``'s position (``dataset_state``: epoch, sample
+in epoch, ``num_canonical_nodes``, shuffle seed; Composer's ``State`` asks the dataset for
+it when it saves and gives it back when it loads). A resumed run therefore continues inside
+the epoch at the next sample, in the same global order, and, since the order depends only on
+the seed, ``num_canonical_nodes`` and the global batch size, also on another number of
+processes or nodes. ``DataFingerprint`` stores a digest of the training data in every
+checkpoint and refuses to resume one made from other data.
+
+Tracing (a test aid): with ``RECIPE_TRACE_SAMPLES=PATH`` in the environment, every process
+appends one JSON line per device batch to ``PATH`` (``SampleTrace``), naming the samples it
+trains on by their index in the train split.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,6 +44,7 @@ if TYPE_CHECKING:
 
 RUN_NAME = "train"  # fixed, so that autoresume finds the checkpoints of an earlier attempt
 IGNORE_INDEX = -100
+TRACE_ENV = "RECIPE_TRACE_SAMPLES"
 REQUIRED_META = ("seq_len", "vocab_size", "bos_id", "eos_id", "pad_id", "num_train_samples")
 
 
@@ -58,15 +73,47 @@ def stream_dirs(split_dir: Path, cache_dir: Path) -> tuple[str, str | None]:
 
 
 def make_loader(split_dir: Path, cache_dir: Path, batch_size: int, shuffle: bool, seed: int,
-                num_workers: int) -> torch.utils.data.DataLoader:
+                num_workers: int, num_canonical_nodes: int | None = None
+                ) -> torch.utils.data.DataLoader:
+    """``batch_size`` is per device. The global sample order depends on ``seed``,
+    ``num_canonical_nodes`` and the global batch size only (streaming's elastic determinism);
+    a checkpoint's ``num_canonical_nodes`` replaces the one given here when it is loaded."""
     from streaming import StreamingDataset
 
     local, remote = stream_dirs(split_dir, cache_dir)
     dataset = StreamingDataset(local=local, remote=remote, shuffle=shuffle, shuffle_seed=seed,
-                               batch_size=batch_size)
+                               batch_size=batch_size, num_canonical_nodes=num_canonical_nodes)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_tokens,
                                        num_workers=num_workers, drop_last=shuffle,
                                        persistent_workers=num_workers > 0)
+
+
+def data_fingerprint(shards_dir: Path, manifest: dict[str, Any]) -> str:
+    """A digest of the training stream's data: the sha256 of ``train/index.json`` and of every
+    shard file it lists, as stored (compressed or not). Each file's sha256 comes from the
+    artifact manifest's ``files`` map when listed there (no reading), else from the file.
+    Names are relative to the artifact, so a moved or copied store keeps its fingerprints."""
+    split = Path(shards_dir) / "train"
+    index = json.loads((split / "index.json").read_text())
+    names = ["index.json"] + [(s.get("zip_data") or s["raw_data"])["basename"]
+                              for s in index.get("shards", [])]
+    listed = manifest.get("files") or {}
+    entries = []
+    for name in names:
+        sha = (listed.get(f"train/{name}") or {}).get("sha256")
+        if not isinstance(sha, str):
+            h = hashlib.sha256()
+            with open(split / name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            sha = h.hexdigest()
+        entries.append([name, sha])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _sample_key(tokens: Any) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(tokens, dtype="<i8").tobytes(),
+                           digest_size=16).digest()
 
 
 # -- model -----------------------------------------------------------------------------------
@@ -170,6 +217,61 @@ class StageProgress(Callback):
             self.val_loss = float(value)
             if self.ctx is not None:
                 self.ctx.log(f"batch {int(state.timestamp.batch)}: val loss {self.val_loss:.4f}")
+
+
+class DataFingerprint(Callback):
+    """Keeps the training data's fingerprint (``data_fingerprint``) in every Composer
+    checkpoint and, when a checkpoint is loaded, raises a ``StageError`` naming both
+    fingerprints if it was made from other data: its data position would be meaningless."""
+
+    def __init__(self, fingerprint: str, shards_dir: Path, ckpt_dir: Path, stage: str):
+        self.fingerprint = fingerprint
+        self.shards_dir = shards_dir
+        self.ckpt_dir = ckpt_dir
+        self.stage = stage
+        self.checked = False  # a loaded checkpoint's fingerprint was compared with ours
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data_fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        theirs = state.get("data_fingerprint")
+        if theirs != self.fingerprint:
+            raise StageError(
+                f"the checkpoints in {self.ckpt_dir} were made from other training data "
+                f"(data fingerprint {str(theirs)[:16]}) than the shards at {self.shards_dir} "
+                f"(data fingerprint {self.fingerprint[:16]}); resuming would not continue the "
+                f"same samples. To train afresh on these shards, discard the stage's scratch "
+                f"(recipe run ... --fresh {self.stage}) or remove {self.ckpt_dir}")
+        self.checked = True
+
+
+class SampleTrace(Callback):
+    """Test aid (``RECIPE_TRACE_SAMPLES=PATH``): appends to ``PATH``, for every device batch as
+    it comes out of the dataloader, one JSON line ``{"batch", "epoch", "rank", "world_size",
+    "samples"}``: the batch's index in the run (0-based, counted over the whole run), the
+    epoch, and each sequence's index in the train split, found by its tokens (identical
+    sequences share the lowest index; -1: not in the split). One ``write`` per line, in
+    append mode, so several processes can share the file."""
+
+    def __init__(self, path: Path, shards_dir: Path):
+        from recipe_engine.artifacts import iter_token_sequences
+
+        self.path = path
+        self.index: dict[bytes, int] = {}
+        for i, tokens in enumerate(iter_token_sequences(shards_dir, "train")):
+            self.index.setdefault(_sample_key(tokens), i)
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        rows = state.batch.detach().cpu().numpy()
+        line = json.dumps({"batch": int(state.timestamp.batch), "epoch": int(state.timestamp.epoch),
+                           "rank": dist.get_global_rank(), "world_size": dist.get_world_size(),
+                           "samples": [self.index.get(_sample_key(r), -1) for r in rows]})
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
 
 
 # -- final weights ---------------------------------------------------------------------------
@@ -307,8 +409,12 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     tag = cache_tag or uuid.uuid4().hex[:12]
     if cache_tag is None:  # in-process, one rank: earlier attempts' caches are stale
         shutil.rmtree(cache_root, ignore_errors=True)
+    # fixed for the whole run: streaming's default (the number of nodes) unless the recipe
+    # sets it; a checkpoint's value wins on resume, whatever the nodes are now
+    num_nodes = max(1, world_size // max(1, dist.get_local_world_size()))
     train_loader = make_loader(Path(shards.path) / "train", cache_root / tag / "train",
-                               device_batch, True, stage.seed, stage.num_workers)
+                               device_batch, True, stage.seed, stage.num_workers,
+                               stage.num_canonical_nodes or num_nodes)
     batches_per_epoch = len(train_loader)
     if batches_per_epoch == 0:
         raise StageError(f"the {meta['num_train_samples']} training sequences do not fill one "
@@ -355,6 +461,12 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
 
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=stage.grad_clip_norm))
     ckpt_dir = Path(ctx.work) / "checkpoints"
+    fingerprint = DataFingerprint(data_fingerprint(Path(shards.path), shards.manifest),
+                                  Path(shards.path), ckpt_dir, ctx.stage)
+    callbacks: list[Callback] = [progress, fingerprint]
+    trace_path = os.environ.get(TRACE_ENV)
+    if trace_path:
+        callbacks.append(SampleTrace(Path(trace_path), Path(shards.path)))
     if rank == 0 and ckpt_dir.is_dir():  # a damaged checkpoint would fail every retry
         repaired = repair_checkpoints(ckpt_dir)
         if repaired:
@@ -377,7 +489,7 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
         schedulers=scheduler,
         step_schedulers_every_batch=True,
         algorithms=algorithms,
-        callbacks=[progress],
+        callbacks=callbacks,
         loggers=[],
         run_name=RUN_NAME,
         progress_bar=False,
@@ -403,7 +515,11 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
             trainer.eval()
     else:
         if rank == 0 and resumed_from:
-            ctx.log(f"resumed from the checkpoint at batch {resumed_from}")
+            ts = trainer.state.timestamp
+            checked = "data fingerprint checked" if fingerprint.checked else \
+                "no data fingerprint in it (an older checkpoint): data not checked"
+            ctx.log(f"resumed from the checkpoint at batch {resumed_from}: epoch {int(ts.epoch)}, "
+                    f"sample {int(ts.sample_in_epoch)} of the epoch; {checked}")
         trainer.fit()
     steps = int(trainer.state.timestamp.batch)
     tokens_trained = int(trainer.state.timestamp.token) or steps * tokens_per_batch
