@@ -20,6 +20,8 @@ from typing import Any, Iterable, Literal
 
 from recipe_engine import Component, ModelConfig, Problems, Stage, StageContext, StageError, hookimpl
 
+from . import mixing
+
 # Composer time strings (composer.core.Time.from_timestring), checked here without Composer
 _TIME = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(ep|ba|sp|tok|dur)\s*$", re.I)
 _EXAMPLES = {"ep": "1ep", "ba": "1000ba", "sp": "64000sp", "tok": "2000000tok", "dur": "0.02dur"}
@@ -214,7 +216,7 @@ class ComposerTrain(Stage,
                     name="composer_train",
                     version="1",
                     description="pretrain a model on MDS shards with Composer (resumable)",
-                    inputs={"shards": "shards"},
+                    inputs={"shards": ["shards"]},
                     output="checkpoint"):
     """Pretrain a model on ``shards`` with Composer's trainer; output a ``checkpoint``
     artifact (``model.safetensors`` + ``model.json``, fp32).
@@ -232,6 +234,11 @@ class ComposerTrain(Stage,
     order depends on ``seed``, ``global_batch_size`` and ``num_canonical_nodes`` only, so a run
     resumed on another number of processes or nodes continues it too. Each checkpoint holds
     the training data's fingerprint; resuming from one made from other shards is an error.
+
+    Mixing: ``inputs: {shards: [code_shards, docs_shards]}`` trains on several streams (made
+    by one tokenizer), drawn in ``proportions`` (relative weights in the inputs' order; empty:
+    by size) through streaming's ``Stream(proportion=...)``; validation uses the first
+    stream. ``recipe plan`` shows each stream's share and epochs (``mixing.plan_streams``).
     """
 
     model: ModelConfig
@@ -239,6 +246,7 @@ class ComposerTrain(Stage,
     scheduler: Scheduler = field(default_factory=CosineWarmup)
     parallelism: Parallelism = field(default_factory=SingleDevice)
     global_batch_size: int = 64  # sequences per optimizer step, over all processes
+    proportions: list[float] = field(default_factory=list)  # per shards input; []: by size
     device_microbatch_size: int = 0  # sequences per forward/backward; 0 = the whole device batch
     max_duration: str = ""
     tokens_per_param: float = 0.0
@@ -265,6 +273,7 @@ class ComposerTrain(Stage,
         elif self.max_duration.strip():  # turned into whole batches by total_batches
             _check_time(problems, "max_duration", self.max_duration, ("ep", "ba", "sp", "tok"),
                         whole=False, positive=True)
+        mixing.check_proportions(self.proportions, problems)
         problems.require(self.tokens_per_param >= 0, "tokens_per_param",
                          f"must be >= 0, got {self.tokens_per_param}")
         problems.require(self.global_batch_size >= 1, "global_batch_size",
@@ -309,7 +318,11 @@ class ComposerTrain(Stage,
         """Size, budget and cost before any GPU is booked: parameters, tokens, steps, FLOPs,
         the Chinchilla ratio, optimizer-state memory per device and device-hours at an
         assumed utilisation (a planning figure, not a measurement)."""
-        shards = inputs_meta.get("shards", {})
+        given = inputs_meta.get("shards") or [{}]
+        streams = given if isinstance(given, list) else [given]
+        shards = dict(streams[0])
+        if len(streams) > 1 and all("num_train_samples" in m for m in streams):
+            shards["num_train_samples"] = sum(m["num_train_samples"] for m in streams)
         vocab, seq_len = shards.get("vocab_size"), shards.get("seq_len")
         if not vocab or not seq_len:
             return {"note": "model size unknown until the tokenizer and shards are planned"}
@@ -338,6 +351,9 @@ class ComposerTrain(Stage,
             "devices_per_node": devices,
             "optimizer_state_gb_per_device": round(state_gb, 1),
         }
+        if len(streams) > 1 or self.proportions:
+            out["streams"] = mixing.plan_streams(streams, self.proportions,
+                                                 steps * self.global_batch_size)
         if self.device != "cpu":
             peak = self.peak_tflops or 989.0  # H100 SXM dense bf16, if not given
             hours = flops / (0.4 * peak * 1e12) / 3600

@@ -26,7 +26,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from composer.utils import dist, reproducibility
 
 from recipe_engine import StageContext, StageError, warn
+
+from . import mixing
 
 if TYPE_CHECKING:
     from . import ComposerTrain
@@ -72,17 +74,31 @@ def stream_dirs(split_dir: Path, cache_dir: Path) -> tuple[str, str | None]:
     return str(cache_dir), str(split_dir)
 
 
-def make_loader(split_dir: Path, cache_dir: Path, batch_size: int, shuffle: bool, seed: int,
-                num_workers: int, num_canonical_nodes: int | None = None
-                ) -> torch.utils.data.DataLoader:
+def make_loader(split_dir: Path | Sequence[Path], cache_dir: Path, batch_size: int,
+                shuffle: bool, seed: int, num_workers: int,
+                num_canonical_nodes: int | None = None,
+                proportions: Sequence[float] | None = None) -> torch.utils.data.DataLoader:
     """``batch_size`` is per device. The global sample order depends on ``seed``,
     ``num_canonical_nodes`` and the global batch size only (streaming's elastic determinism);
-    a checkpoint's ``num_canonical_nodes`` replaces the one given here when it is loaded."""
-    from streaming import StreamingDataset
+    a checkpoint's ``num_canonical_nodes`` replaces the one given here when it is loaded.
 
-    local, remote = stream_dirs(split_dir, cache_dir)
-    dataset = StreamingDataset(local=local, remote=remote, shuffle=shuffle, shuffle_seed=seed,
-                               batch_size=batch_size, num_canonical_nodes=num_canonical_nodes)
+    Several split directories are mixed as streaming ``Stream``s (one per data stream), with
+    ``proportions`` (normalised) or, without them, each sample once per epoch."""
+    from streaming import Stream, StreamingDataset
+
+    dirs = [Path(split_dir)] if isinstance(split_dir, (str, Path)) else [Path(d) for d in split_dir]
+    common = dict(shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
+                  num_canonical_nodes=num_canonical_nodes)
+    if len(dirs) == 1 and not proportions:
+        local, remote = stream_dirs(dirs[0], cache_dir)
+        dataset = StreamingDataset(local=local, remote=remote, **common)
+    else:
+        streams = []
+        for i, d in enumerate(dirs):
+            local, remote = stream_dirs(d, cache_dir / f"stream{i}")
+            streams.append(Stream(local=local, remote=remote,
+                                  proportion=proportions[i] if proportions else None))
+        dataset = StreamingDataset(streams=streams, **common)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_tokens,
                                        num_workers=num_workers, drop_last=shuffle,
                                        persistent_workers=num_workers > 0)
@@ -109,6 +125,16 @@ def data_fingerprint(shards_dir: Path, manifest: dict[str, Any]) -> str:
             sha = h.hexdigest()
         entries.append([name, sha])
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def mixed_data_fingerprint(shards: Sequence[Any], proportions: Sequence[float] | None) -> str:
+    """One stream: its ``data_fingerprint``. Several: a digest of each stream's and of the
+    proportions, so a checkpoint resumes only onto the same mixture."""
+    fps = [data_fingerprint(Path(a.path), a.manifest) for a in shards]
+    if len(fps) == 1 and not proportions:
+        return fps[0]
+    material = {"streams": fps, "proportions": list(proportions or [])}
+    return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
 
 def _sample_key(tokens: Any) -> bytes:
@@ -250,17 +276,21 @@ class SampleTrace(Callback):
     """Test aid (``RECIPE_TRACE_SAMPLES=PATH``): appends to ``PATH``, for every device batch as
     it comes out of the dataloader, one JSON line ``{"batch", "epoch", "rank", "world_size",
     "samples"}``: the batch's index in the run (0-based, counted over the whole run), the
-    epoch, and each sequence's index in the train split, found by its tokens (identical
+    epoch, and each sequence's index in the train split (several streams: the splits one after
+    the other, in the inputs' order), found by its tokens (identical
     sequences share the lowest index; -1: not in the split). One ``write`` per line, in
     append mode, so several processes can share the file."""
 
-    def __init__(self, path: Path, shards_dir: Path):
+    def __init__(self, path: Path, shards_dirs: Sequence[Path]):
         from recipe_engine.artifacts import iter_token_sequences
 
         self.path = path
         self.index: dict[bytes, int] = {}
-        for i, tokens in enumerate(iter_token_sequences(shards_dir, "train")):
-            self.index.setdefault(_sample_key(tokens), i)
+        i = 0  # several streams: indices continue from one stream's split to the next's
+        for shards_dir in shards_dirs:
+            for tokens in iter_token_sequences(shards_dir, "train"):
+                self.index.setdefault(_sample_key(tokens), i)
+                i += 1
 
     def after_dataloader(self, state: State, logger: Logger) -> None:
         rows = state.batch.detach().cpu().numpy()
@@ -378,11 +408,16 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     and ``ctx.metrics``. ``cache_tag`` names this attempt's stream cache (the launcher gives
     every rank the same one). Returns ``{"meta": ..., "metrics": ...}``."""
     started = time.perf_counter()
-    shards = ctx.inputs["shards"]
+    shards = ctx.inputs["shards"]  # the first stream: validation sequences come from it
+    streams = ctx.input_lists.get("shards") or [shards]
     meta = shards.meta
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise StageError(f"the shards artifact at {shards.path} lacks meta {missing}")
+    for art in streams:
+        missing = [k for k in REQUIRED_META if k not in art.meta]
+        if missing:
+            raise StageError(f"the shards artifact at {art.path} lacks meta {missing}")
+    proportions = mixing.weights(len(streams), stage.proportions)
+    if len(streams) > 1:
+        mixing.check_streams(streams)
     vocab_size, seq_len = int(meta["vocab_size"]), int(meta["seq_len"])
 
     model_cfg, optim_cfg = stage.model, stage.optimizer
@@ -412,12 +447,13 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     # fixed for the whole run: streaming's default (the number of nodes) unless the recipe
     # sets it; a checkpoint's value wins on resume, whatever the nodes are now
     num_nodes = max(1, world_size // max(1, dist.get_local_world_size()))
-    train_loader = make_loader(Path(shards.path) / "train", cache_root / tag / "train",
+    train_loader = make_loader([Path(a.path) / "train" for a in streams], cache_root / tag / "train",
                                device_batch, True, stage.seed, stage.num_workers,
-                               stage.num_canonical_nodes or num_nodes)
+                               stage.num_canonical_nodes or num_nodes, proportions)
     batches_per_epoch = len(train_loader)
     if batches_per_epoch == 0:
-        raise StageError(f"the {meta['num_train_samples']} training sequences do not fill one "
+        raise StageError(f"the {sum(int(a.meta['num_train_samples']) for a in streams)} training "
+                         f"sequences do not fill one "
                          f"global batch of {stage.global_batch_size}")
     evaluator = None
     if int(meta.get("num_val_samples", 0)) > 0:
@@ -461,12 +497,12 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
 
         algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=stage.grad_clip_norm))
     ckpt_dir = Path(ctx.work) / "checkpoints"
-    fingerprint = DataFingerprint(data_fingerprint(Path(shards.path), shards.manifest),
+    fingerprint = DataFingerprint(mixed_data_fingerprint(streams, proportions),
                                   Path(shards.path), ckpt_dir, ctx.stage)
     callbacks: list[Callback] = [progress, fingerprint]
     trace_path = os.environ.get(TRACE_ENV)
     if trace_path:
-        callbacks.append(SampleTrace(Path(trace_path), Path(shards.path)))
+        callbacks.append(SampleTrace(Path(trace_path), [Path(a.path) for a in streams]))
     if rank == 0 and ckpt_dir.is_dir():  # a damaged checkpoint would fail every retry
         repaired = repair_checkpoints(ckpt_dir)
         if repaired:
@@ -480,6 +516,15 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
                 f"{epochs:.2f} epochs), {world_size} process(es) on {device}, {stage.precision}")
         if epochs > 1:
             ctx.log(f"the run repeats the training data ({epochs:.2f} epochs)")
+        if len(streams) > 1 or proportions:
+            plan = mixing.plan_streams([a.meta for a in streams], stage.proportions,
+                                       batches * stage.global_batch_size)
+            ctx.meta["streams"] = [{**row, "stage": (a.manifest.get("stage") or str(a.path))}
+                                   for row, a in zip(plan, streams)]
+            for row in ctx.meta["streams"]:
+                ctx.log(f"stream {row['stage']}: {row['share']:.0%} of the samples, "
+                        f"{row['samples_drawn']:,} of its {row['train_samples']:,} "
+                        f"({row.get('epochs', 0):.2f} epochs)")
     trainer = Trainer(
         model=composer_model,
         train_dataloader=DataSpec(train_loader, get_num_tokens_in_batch=num_tokens),

@@ -50,6 +50,8 @@ def launch(stage: "ComposerTrain", ctx: StageContext, nproc: int) -> None:
         "fingerprint": ctx.fingerprint,
         "inputs": {slot: {"kind": a.kind, "path": str(a.path), "manifest": a.manifest}
                    for slot, a in ctx.inputs.items()},
+        "input_lists": {slot: [{"kind": a.kind, "path": str(a.path), "manifest": a.manifest}
+                               for a in arts] for slot, arts in ctx.input_lists.items()},
         "output": str(ctx.output),
         "work": str(ctx.work),
         "cache_tag": uuid.uuid4().hex[:12],
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint=spec["fingerprint"],
         inputs={slot: Artifact(kind=a["kind"], path=Path(a["path"]), manifest=a["manifest"])
                 for slot, a in spec["inputs"].items()},
+        input_lists={slot: [Artifact(kind=a["kind"], path=Path(a["path"]), manifest=a["manifest"])
+                            for a in arts] for slot, arts in spec.get("input_lists", {}).items()}
+        or None,
         output=Path(spec["output"]),
         work=Path(spec["work"]),
         executor=registry.build(Executor, "serial"),
