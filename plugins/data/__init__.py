@@ -6,7 +6,8 @@ their work per part through the stage's executor, and resume per part after a cr
 """
 from recipe_engine import hookimpl
 
-from . import decontaminate, extract, langid, near_dedup, package_docs, pii, quality, sources, split
+from . import (decontaminate, extract, instructions, langid, near_dedup, package_docs, pii, quality,
+               sources, split)
 from .dedup import ExactDedup
 from .filters import CodeQualityFilter, DocumentFilter, FilterStage, LengthFilter
 from .source import FilesSource
@@ -21,4 +22,4 @@ def recipe_components():
             *quality.COMPONENTS, *near_dedup.COMPONENTS, *pii.COMPONENTS,
             *decontaminate.COMPONENTS, *langid.COMPONENTS,
             *sources.COMPONENTS, *extract.COMPONENTS,
-            *package_docs.COMPONENTS, *split.COMPONENTS]
+            *package_docs.COMPONENTS, *split.COMPONENTS, *instructions.COMPONENTS]
