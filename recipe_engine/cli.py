@@ -1,5 +1,5 @@
-"""``recipe``: run, plan and validate recipes; show a run's data funnel; list plugins; verify,
-list and clean the store.
+"""``recipe``: run, plan and validate recipes; show a run's data funnel; report a run (or a
+sweep) as HTML; list plugins; verify, list and clean the store.
 
 Start-up stays light: nothing here imports an ML framework, and Hydra is imported only by
 the commands that read a recipe.
@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
                     "data stage, the top reasons), and Hydra overrides, e.g. data.count=10")
     sh.add_argument("--json", action="store_true", help="print the funnel as JSON")
     sh.add_argument("--store", metavar="DIR", help="store root (default: $RECIPE_STORE or ./recipe_store)")
+
+    rp = sub.add_parser("report", help="write a static HTML report of a recipe's run: the "
+                        "stage graph with status, time and metrics, the data funnel, training "
+                        "curves, eval tables, generation samples; with -m, compare a sweep's jobs")
+    recipe_args(rp)
+    rp.add_argument("-m", "--multirun", action="store_true",
+                    help="compare the jobs of a sweep (the overrides given to `recipe run -m`)")
+    rp.add_argument("--metric", metavar="NAME", help="the metric a sweep is compared on, "
+                    "METRIC or STAGE/METRIC (default: the first eval stage's first metric)")
+    rp.add_argument("--out", metavar="FILE", help="the HTML file to write (default: "
+                    "<store>/reports/<recipe>/<time>-report.html)")
+    rp.add_argument("--json", action="store_true",
+                    help="print the report's data as JSON (HTML only with --out)")
+    rp.add_argument("--store", metavar="DIR", help="store root (default: $RECIPE_STORE or ./recipe_store)")
 
     pg = sub.add_parser("plugins", help="list installed plugin packages: components, config "
                         "groups, artifact kinds and hooks of each")
@@ -252,6 +266,57 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+    from .store import Store
+
+    if args.metric and not args.multirun:
+        print("error: --metric names what the jobs of a sweep are compared on: give -m too",
+              file=sys.stderr)
+        return EXIT_USAGE
+    pm = _plugin_manager()
+    store = Store(args.store)
+    if args.multirun:
+        recipes = report.expand_sweep(args.recipe, args.overrides, pm)
+        data = report.for_sweep(args.recipe, [{"overrides": r.loaded.overrides} for r in recipes],
+                                pm, store, metric=args.metric, recipes=recipes)
+        if args.metric and data["sweep"]["stage"] is None:
+            from .errors import RecipeError, did_you_mean
+
+            names = report.metric_names(data["jobs"])
+            raise RecipeError(f"no metric {args.metric!r} in the store for these jobs (metrics: "
+                              f"{', '.join(names) or 'none'}){did_you_mean(args.metric, names)}")
+    else:
+        data = report.for_recipe(args.recipe, args.overrides, pm, store)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    if args.out or not args.json:
+        path = report.write(data, Path(args.out) if args.out else report.default_path(
+            store, data["recipe"], "sweep" if args.multirun else "report"))
+        print(path, file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
+
+
+def _write_run_report(args: argparse.Namespace, pm: Any, store: Any, result: dict[str, Any],
+                      recipes: list[Any]) -> None:
+    """The HTML report at the end of a run (a multirun's: the comparison of its jobs), into
+    ``<store>/reports/<recipe>/``; its path on stderr. A report that fails is a warning."""
+    try:
+        from . import report
+
+        if "jobs" in result:
+            data = report.for_sweep(args.recipe, result["jobs"], pm, store, recipes=recipes)
+        else:
+            data = report.for_recipe(args.recipe, args.overrides, pm, store, summary=result,
+                                     recipe=recipes[-1] if recipes else None)
+        tag = str(data.get("invocation") or uuid.uuid4().hex)[:8]
+        path = report.write(data, report.default_path(store, data["recipe"], tag), latest=True)
+        print(f"report: {path}", file=sys.stderr)
+    except Exception as e:  # the run's own outcome stands
+        print(f"warning: the run report was not written: {type(e).__name__}: {e}",
+              file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import config
     from .progress import Progress
@@ -264,8 +329,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     force, fresh = set(args.force), set(args.fresh)
     invocation = uuid.uuid4().hex[:16]  # the jobs of a multirun are one run (for `recipe gc`)
 
+    recipes: list[Any] = []  # the jobs' recipes (those run in this process), for the report
+
     def job(loaded: Any) -> dict:
         recipe = validate(loaded, pm.registry, pm.hook.recipe_default_executor())
+        recipes.append(recipe)
         progress = Progress(len(recipe.stages), enabled=not args.quiet)
         with _log_to(progress):
             return run(recipe, pm, store, force=force, until=args.until, progress=progress,
@@ -289,11 +357,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {format_error(e)}", file=sys.stderr)
             if args.json:
                 print(json.dumps({**e.summary, "error": str(e)}), file=real_stdout, flush=True)
+            _write_run_report(args, pm, store, e.summary, recipes)
             return EXIT_FAILED
         if args.json:
             print(json.dumps(result, default=str), file=real_stdout, flush=True)
         else:
             _print_summary(result)
+        _write_run_report(args, pm, store, result, recipes)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -489,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
                 "plugins": cmd_plugins, "verify": cmd_verify, "ls": cmd_ls,
-                "gc": cmd_gc, "show": cmd_show}[args.command](args)
+                "gc": cmd_gc, "show": cmd_show, "report": cmd_report}[args.command](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -395,5 +395,6 @@ def test_cli_surface_is_frozen():
         "validate": ["--help", "-h"],
         "plan": ["--help", "--json", "--store", "-h"],
         "show": ["--help", "--json", "--store", "-h"],
+        "report": ["--help", "--json", "--metric", "--multirun", "--out", "--store", "-h", "-m"],
         "plugins": ["--help", "--json", "-h"],
     }
