@@ -17,6 +17,7 @@ Layout of an export::
     tokenizer.json  tokenizer_config.json  special_tokens_map.json  [tokenizer.model]
                                                                  <- AutoTokenizer
     README.md                                                    <- model card
+    samples.json                                                 <- greedy generations
     recipe_engine/  model.json  + the tokenizer artifact's files <- our own code
                                                                     (load_export)
 """
@@ -228,7 +229,60 @@ def build_model(spec: dict[str, Any], build: Callable[[Any, Any], Any] | None = 
     return config.build(spec["vocab_size"], spec["max_seq_len"])
 
 
-def export_hf(ctx: StageContext, dtype: str = "float32") -> None:
+VERIFY_TEXT = ("def greet(name):\n    \"\"\"Say hello.\"\"\"\n    return f'Hello, {name}!'\n\n"
+               "print(greet('world'))  # the exported model's logits are checked on this\n")
+LOGIT_TOLERANCE = 1e-4  # max |logit difference|, both models in fp32 on the same weights
+
+
+def verify_export(model: torch.nn.Module, out: Path, tokenizer: Any, dtype: str,
+                  max_seq_len: int) -> dict[str, Any]:
+    """Load the export with transformers and compare its logits with our model's on a fixed
+    batch (``VERIFY_TEXT``), both in fp32 on the exported weights (a bf16/fp16 export: our
+    weights rounded the same way). Raises StageError past ``LOGIT_TOLERANCE``."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours = model
+    if dtype != "float32":
+        ours = copy.deepcopy(model).to(getattr(torch, dtype)).float().eval()
+    ids = [tokenizer.bos_id] + tokenizer.encode(VERIFY_TEXT)
+    batch = torch.tensor([ids[:max_seq_len]])
+    with torch.no_grad():
+        a = ours(batch).float()
+        b = hf(batch).logits.float()
+    diff = float((a - b).abs().max())
+    if not diff <= LOGIT_TOLERANCE:
+        raise StageError(f"hf_export: the exported model's logits differ from the trained "
+                         f"model's by up to {diff:.3g} (tolerance {LOGIT_TOLERANCE:g}) on a fixed "
+                         "batch: the conversion is wrong for this checkpoint")
+    return {"tokens": int(batch.numel()), "max_abs_logit_diff": diff,
+            "tolerance": LOGIT_TOLERANCE}
+
+
+def generation_samples(out: Path, prompts: list[str], max_new_tokens: int) -> dict[str, Any]:
+    """Greedy continuations of ``prompts`` by the exported model, through transformers'
+    ``generate`` and the exported tokenizer (what a user of the directory gets)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    samples = []
+    for prompt in prompts:
+        enc = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                              max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=hf.config.pad_token_id)
+        completion = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "completion": completion})
+    return {"settings": {"do_sample": False, "max_new_tokens": max_new_tokens,
+                         "library": "transformers"}, "samples": samples}
+
+
+def export_hf(ctx: StageContext, dtype: str = "float32", verify: bool = True,
+              sample_prompts: list[str] | None = None, sample_max_new_tokens: int = 48) -> None:
     from safetensors.torch import load_model as load_weights
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -274,6 +328,13 @@ def export_hf(ctx: StageContext, dtype: str = "float32") -> None:
             shutil.copy2(f, native / f.name)
     ctx.progress(2, 3, "parts")
 
+    if verify:
+        ctx.meta["verified"] = verify_export(model, out, tokenizer, dtype, spec["max_seq_len"])
+        ctx.log(f"verified: transformers' logits equal ours within "
+                f"{ctx.meta['verified']['max_abs_logit_diff']:.2g} on a fixed batch")
+    if sample_prompts:
+        samples = generation_samples(out, sample_prompts, sample_max_new_tokens)
+        (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
     num_params = sum(t.numel() for t in weights.values())
     (out / "README.md").write_text(model_card(spec, config, num_params, dtype, ckpt, tok_art))
     ctx.progress(3, 3, "parts")

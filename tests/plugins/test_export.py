@@ -13,7 +13,7 @@ from recipe_engine import Artifact, RecipeError
 from recipe_engine.artifacts import part_name, write_documents
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
-from recipe_engine_plugins.export import HFExport
+from recipe_engine_plugins.export import SAMPLE_PROMPTS, HFExport
 from recipe_engine_plugins.export.hf import from_hf_name, load_export, to_hf_name
 from recipe_engine_plugins.models import Llama, load_model, save_model
 from recipe_engine_plugins.tokenizers.spm import Tokenizer
@@ -240,3 +240,35 @@ def test_export_is_byte_identical_and_run_facts_go_to_the_manifest(tmp_path, tok
     assert metrics[0]["training/seconds"] == 12.5 and metrics[1]["training/seconds"] == 31.25
     assert metrics[1]["training/resumed_from_step"] == 8
     assert "training/train_loss" not in metrics[0]
+
+
+def test_export_verifies_its_logits_and_stores_samples(exported):
+    _, art = exported
+    verified = art.manifest["meta"]["verified"]
+    assert verified["max_abs_logit_diff"] <= verified["tolerance"] == 1e-4
+    assert verified["tokens"] > 10
+    samples = json.loads((art.path / "samples.json").read_text())
+    assert [s["prompt"] for s in samples["samples"]] == list(SAMPLE_PROMPTS)
+    assert all(isinstance(s["completion"], str) and s["completion"] for s in samples["samples"])
+    assert samples["settings"]["do_sample"] is False
+
+
+def test_a_wrong_conversion_fails_the_export(tmp_path, tokenizer_artifact, tok, monkeypatch):
+    """A conversion bug (here: two layers' query weights swapped) is caught by the stage's own
+    check, not shipped."""
+    from recipe_engine import StageError
+    from recipe_engine_plugins.export import hf
+
+    real = hf.hf_state_dict
+
+    def swapped(*args, **kwargs):
+        sd = real(*args, **kwargs)
+        a, b = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+        sd[a], sd[b] = sd[b], sd[a]
+        return sd
+
+    monkeypatch.setattr(hf, "hf_state_dict", swapped)
+    ckpt = _checkpoint(tmp_path / "ckpt", tok.vocab_size)
+    with pytest.raises(StageError, match="logits differ"):
+        run_stage(HFExport(sample_prompts=[]), tmp_path / "export",
+                  inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
