@@ -6,20 +6,44 @@ returns, its result is saved as ``ctx.work/<state>/<key>.json``: a rerun of the 
 crash (same fingerprint, so same scratch directory) finds those results and skips the task.
 At the end the stage hard-links the finished files into ``ctx.output`` under contiguous part
 names, so the scratch copy is still there if the stage dies before it commits.
+
+**Orphaned workers.** A run killed with SIGKILL (the OOM killer, a lost terminal) cannot
+clean up after itself, and its executor's workers may outlive it. Three rules keep them from
+touching the next attempt's files:
+
+1. *A local worker dies with its run.* Before a worker that is a child of the stage's process
+   (the ``local`` pool) runs its first task, it asks the kernel for SIGKILL when that process
+   dies (Linux ``PR_SET_PDEATHSIG``), then checks that its parent is still the stage's
+   process; a worker whose run died before that exits at once.
+2. *A task starts only while its attempt owns the scratch.* Every attempt of a stage claims
+   ``ctx.work/.attempt`` with a fresh token before it submits a task, and each task checks,
+   in its worker, that the token is still its attempt's before it runs; a task of an attempt
+   that was superseded (queued in a dead run's pool, or on a cluster whose driver died)
+   returns without running.
+3. *What a task writes, it writes whole, under a name derived from its inputs.* Workers
+   write through ``recipe_engine.fsutil``/``write_documents`` (a unique temporary file, then
+   one rename), under a task key that digests what the task reads; only the stage's process
+   records results. A task still running from an earlier attempt (rules 1 and 2 aside) can
+   only replace a scratch file with the same bytes, and a file already linked into the
+   output keeps its own inode.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import uuid
 from concurrent.futures import BrokenExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from recipe_engine import StageContext, StageError
 from recipe_engine.artifacts import PART_GLOB, part_name
-from recipe_engine.fsutil import atomic_write_json
+from recipe_engine.fsutil import atomic_write_json, atomic_write_text
+
+ATTEMPT = ".attempt"  # ctx.work/.attempt: the token of the attempt that owns the scratch
 
 
 def task_key(index: int, *material: Any) -> str:
@@ -53,13 +77,19 @@ def run_tasks(ctx: StageContext, fn: Callable[[Any], dict[str, Any]],
         else:
             todo.append(i)
     done = sum(weights[i] for i, r in enumerate(results) if r is not None)
+    attempt = Attempt(fn, claim(ctx), str(ctx.work / ATTEMPT), os.getpid())
     if len(todo) < len(tasks):
         ctx.log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} {state} tasks already done")
         ctx.metrics[f"{state}_tasks_resumed"] = len(tasks) - len(todo)
     ctx.progress(done, total, unit)
     finished = 0
     try:
-        for i, result in zip(todo, ctx.executor.map(fn, [tasks[i][1] for i in todo])):
+        items = [(attempt, tasks[i][1]) for i in todo]
+        for i, result in zip(todo, ctx.executor.map(run_task, items)):
+            if isinstance(result, dict) and result.get(STALE):
+                raise StageError(f"another attempt of stage {ctx.stage!r} took over its "
+                                 f"scratch directory {ctx.work} while {state} task "
+                                 f"{tasks[i][0]} ran; rerun")
             atomic_write_json(state_dir / f"{tasks[i][0]}.json", result)
             results[i] = result
             finished += 1
@@ -74,6 +104,81 @@ def run_tasks(ctx: StageContext, fn: Callable[[Any], dict[str, Any]],
             f"memory?) while {state} task {key} was not finished: {e}; the {kept} of "
             f"{len(tasks)} tasks finished are kept, and a rerun resumes from them") from e
     return results  # type: ignore[return-value]
+
+
+STALE = "_superseded_attempt"  # what a task of a superseded attempt returns, unrun
+
+
+def claim(ctx: StageContext) -> str:
+    """This attempt's token, written to ``ctx.work/.attempt`` the first time (rule 2 of the
+    module docstring): from then on, tasks of earlier attempts no longer start."""
+    token = getattr(ctx, "_attempt_token", None)
+    if token is None:
+        token = uuid.uuid4().hex
+        ctx.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ctx.work / ATTEMPT, token)
+        ctx._attempt_token = token  # type: ignore[attr-defined]
+    return token
+
+
+def run_task(item: tuple[Attempt, Any]) -> dict[str, Any]:
+    """Worker: run one task of an attempt (a plain top-level function, so that every executor
+    can ship it: a process pool pickles it, Ray wants a function)."""
+    attempt, arg = item
+    return attempt(arg)
+
+
+class Attempt:
+    """A task function bound to one attempt of a stage. Called in the executor's worker, it
+    ties a local worker's life to the stage's process, and runs the task only while the
+    attempt still owns the scratch (rules 1 and 2 of the module docstring). Picklable when
+    ``fn`` is (a top-level function)."""
+
+    def __init__(self, fn: Callable[[Any], dict[str, Any]], token: str, owner: str,
+                 stage_pid: int):
+        self.fn, self.token, self.owner, self.stage_pid = fn, token, owner, stage_pid
+
+    def __call__(self, arg: Any) -> dict[str, Any]:
+        if os.getpid() != self.stage_pid:
+            die_with_parent(self.stage_pid)
+        if not self.owns():
+            return {STALE: True}
+        return self.fn(arg)
+
+    def owns(self) -> bool:
+        try:
+            with open(self.owner) as f:
+                return f.read() == self.token
+        except OSError:  # the scratch is gone: discarded, or committed by another attempt
+            return False
+
+
+_DEATH_SIGNAL_SET = False
+
+
+def die_with_parent(stage_pid: int) -> None:
+    """In a worker process that the stage's process started (a ``local`` pool's): have the
+    kernel kill it with SIGKILL when that process dies, and exit at once when it is dead
+    already. Does nothing in other processes (Ray workers: Ray ends a dead driver's tasks)
+    or off Linux. Once per process."""
+    global _DEATH_SIGNAL_SET
+    if _DEATH_SIGNAL_SET:
+        return
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid != stage_pid:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0:
+            _DEATH_SIGNAL_SET = True
+    if os.getppid() != stage_pid:  # the stage's process died before the signal was set
+        os._exit(1)
 
 
 def clear_parts(directory: Path) -> None:

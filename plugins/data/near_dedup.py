@@ -56,6 +56,7 @@ from typing import Any, Literal
 
 from recipe_engine import Problems, Stage, StageContext
 from recipe_engine.artifacts import list_parts, read_documents, write_documents
+from recipe_engine.fsutil import atomic_writer
 
 from ._parts import clear_parts, file_stamp, merge_counts, place_parts, run_tasks, task_key
 from .dedup import write_kept
@@ -267,10 +268,8 @@ def _save_npy(path: Path, array: Any) -> None:
     import numpy as np
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_writer(path, "wb") as f:  # a unique temporary name: an orphan can't share it
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 # -- minhash_dedup ----------------------------------------------------------------------------

@@ -19,6 +19,21 @@ from recipe_engine import Executor, Problems, hookimpl
 from .ray_executor import RayExecutor
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: the kernel SIGKILLs this worker when the stage's process dies
+    (Linux ``PR_SET_PDEATHSIG``), so a killed run leaves no worker writing into the scratch
+    directory the next attempt uses. Elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the signal was set
+        os._exit(1)
+
+
 @dataclass(kw_only=True)
 class SerialExecutor(Executor,
                      name="serial",
@@ -93,7 +108,9 @@ class LocalExecutor(Executor,
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the runner may hold threads (progress display, torch) already
-            self._pool = ProcessPoolExecutor(self.workers(), mp_context=mp.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers(), mp_context=mp.get_context("spawn"),
+                                             initializer=_die_with_parent,
+                                             initargs=(os.getpid(),))
             self._finalizer = weakref.finalize(self, _shutdown, self._pool)
         return self._pool
 

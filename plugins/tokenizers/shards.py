@@ -2,26 +2,37 @@
 
 Output layout::
 
-    train/            mosaicml-streaming MDS, column "tokens" (ndarray:uint16 or int32)
+    train/            mosaicml-streaming MDS, column "tokens" (ndarray:uint16 or int32); the
+                      index lists sha1 and xxh64 digests of every shard file
     val/              the same, packed from the validation documents (for validation loss)
     val_documents/    the validation documents themselves, as a ``documents`` artifact
 
-Split by document: a document is validation iff ``split_value(split_seed, id) < val_fraction``
-and it is among the ``max_val_documents`` such documents with the smallest value; the rest
-are training documents. Nothing depends on part order or worker count.
+Split by document. A document marked held out upstream (``split: "heldout"``, the
+``heldout_split`` stage) is always a validation document. Among the others, a document is
+validation iff ``split_value(split_seed, id) < val_fraction`` and it is among the
+``max_val_documents`` such documents with the smallest value (the cap counts only these); the
+rest are training documents. Nothing depends on part order or worker count.
 
 Packing: each document becomes ``[bos] + tokens + [eos]``; documents are concatenated in
 document order (part by part, line by line) and cut into ``seq_len`` chunks; the incomplete
-tail is dropped and counted (``dropped_tail_tokens.train`` / ``.val``).
+tail is dropped and counted (``dropped_tail_tokens.train`` / ``.val``). Document boundaries
+are recorded by bos itself: a document whose tokens contain the bos or eos id (a tokenizer
+that turned text into a special token) is skipped and counted (``special_token_in_text``),
+so bos marks exactly the document starts (meta ``document_boundaries: "bos"``; the reader is
+``recipe_engine.artifacts.document_starts``) and the shards need no extra column.
 
 Tokenizing runs through ``ctx.executor`` one input part per task; each task leaves its tokens
-in the stage's scratch directory, so a crashed run resumes part by part.
+in the stage's scratch directory, so a crashed run resumes part by part. Packing and writing
+run in the stage's process, in document order, so the files are byte-identical whatever the
+executor and its worker count. With ``remote``, streaming's own uploader copies every shard
+file and index to ``<remote>/train`` and ``<remote>/val`` as the writer closes them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import multiprocessing
+import os
 import re
 import shutil
 import time
@@ -30,12 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from recipe_engine import Problems, Stage, StageContext, StageError
-from recipe_engine.artifacts import list_parts, part_name, read_documents, write_documents
+from recipe_engine.artifacts import (BOUNDARIES_BOS, data_digest, is_heldout, list_parts,
+                                     part_name, read_documents, write_documents)
 from recipe_engine.fsutil import atomic_write_json, atomic_writer
 
 VAL_DOCUMENTS_PER_PART = 10_000
+TOKENS_COLUMN = "tokens"
 ENCODE_BATCH_BYTES = 8 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.I)
+SHARD_HASHES = ["sha1", "xxh64"]  # digests MDSWriter records per shard file (sorted)
+# URL schemes streaming 0.13's uploaders know (streaming.base.storage.upload.UPLOADERS)
+REMOTE_SCHEMES = ("s3", "gs", "oci", "hf", "azure", "azure-dl", "dbfs", "alipan")
 
 
 def _size_bytes(text: str) -> float:
@@ -63,9 +79,21 @@ def _tokenizer(path: str) -> Any:
     return _TOKENIZERS[path]
 
 
+def _encode_threads() -> int:
+    """SentencePiece threads for one task: 1 in a pool worker (the pool parallelizes), else
+    every core this process may use (its affinity mask, which ``taskset`` narrows)."""
+    if multiprocessing.parent_process() is not None:
+        return 1
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return -1
+
+
 def _tokenize_part(task: dict[str, Any]) -> dict[str, Any]:
     """Worker: tokenize one part into ``<work>/part-NNNNN.npz`` (tokens with bos/eos, per-doc
-    lengths, bytes); write its validation candidates aside; return a small summary."""
+    lengths, bytes); write its validation documents (held-out ones and the part's best
+    fraction candidates) aside; return a small summary."""
     import numpy as np
 
     work = Path(task["work"])
@@ -75,25 +103,48 @@ def _tokenize_part(task: dict[str, Any]) -> dict[str, Any]:
         return json.loads(summary_file.read_text())
 
     tok = _tokenizer(task["tokenizer"])
-    threads = -1 if multiprocessing.parent_process() is None else 1  # pools parallelize already
-    seed, fraction = task["split_seed"], task["val_fraction"]
+    threads = _encode_threads()
+    seed, fraction, dtype = task["split_seed"], task["val_fraction"], task["dtype"]
+    bos, eos = tok.bos_id, tok.eos_id
     skipped: dict[str, int] = {}
     chunks: list[Any] = []
     lengths: list[int] = []
     nbytes: list[int] = []
     candidates: list[tuple[float, str, int]] = []  # (split value, id, position in part)
-    records: list[dict[str, Any]] = []
-    batch: list[str] = []
+    heldout: list[tuple[str, int]] = []  # (id, position in part)
+    records: dict[int, dict[str, Any]] = {}  # position -> record, every possible val document
+    batch: list[tuple[dict[str, Any], str, int]] = []  # (record, id, UTF-8 bytes)
     batch_bytes = 0
     seen = 0
 
     def flush() -> None:
         nonlocal batch, batch_bytes
-        for ids in tok.encode_batch(batch, num_threads=threads):
-            arr = np.empty(len(ids) + 2, dtype=task["dtype"])
-            arr[0], arr[1:-1], arr[-1] = tok.bos_id, ids, tok.eos_id
+        encoded = tok.encode_batch([doc["text"] for doc, _, _ in batch], num_threads=threads)
+        arrays = []
+        for ids in encoded:
+            arr = np.empty(len(ids) + 2, dtype=dtype)
+            arr[0], arr[1:-1], arr[-1] = bos, ids, eos
+            arrays.append(arr)
+        # bos / eos only at the ends of each document: checked on the whole batch at once
+        joined = np.concatenate(arrays)
+        clean = (np.count_nonzero(joined == bos) == len(arrays)
+                 and np.count_nonzero(joined == eos) == len(arrays))
+        for (doc, doc_id, size), arr in zip(batch, arrays):
+            if not clean and (np.any(arr[1:-1] == bos) or np.any(arr[1:-1] == eos)):
+                skipped["special_token_in_text"] = skipped.get("special_token_in_text", 0) + 1
+                continue
+            pos = len(lengths)
+            if is_heldout(doc):
+                heldout.append((doc_id, pos))
+                records[pos] = doc
+            else:
+                u = split_value(seed, doc_id)
+                if u < fraction:
+                    candidates.append((u, doc_id, pos))
+                    records[pos] = doc
             chunks.append(arr)
-            lengths.append(len(arr))
+            lengths.append(arr.size)
+            nbytes.append(size)
         batch, batch_bytes = [], 0
 
     for doc in read_documents(Path(task["part"])):
@@ -105,14 +156,8 @@ def _tokenize_part(task: dict[str, Any]) -> dict[str, Any]:
         if doc_id is None or doc_id == "":
             skipped["missing_id"] = skipped.get("missing_id", 0) + 1
             continue
-        doc_id = str(doc_id)
-        u = split_value(seed, doc_id)
-        if u < fraction:
-            candidates.append((u, doc_id, len(nbytes)))
-            records.append(doc)
         size = len(text.encode("utf-8"))
-        nbytes.append(size)
-        batch.append(text)
+        batch.append((doc, str(doc_id), size))
         batch_bytes += size
         if batch_bytes >= ENCODE_BATCH_BYTES:
             flush()
@@ -122,21 +167,69 @@ def _tokenize_part(task: dict[str, Any]) -> dict[str, Any]:
     # only the part's max_val_documents smallest candidates can make the global cut
     keep = sorted(range(len(candidates)), key=lambda i: candidates[i][:2])
     keep = sorted(keep[: task["max_val_documents"]])
-    candidates = [(*candidates[i], lengths[candidates[i][2]]) for i in keep]
+    candidates = [candidates[i] for i in keep]
+    val_positions = sorted([pos for _, _, pos in candidates] + [pos for _, pos in heldout])
     cand_file = work / f"{stem}.candidates.jsonl.zst"
-    write_documents(cand_file, [records[i] for i in keep])
+    write_documents(cand_file, [records[pos] for pos in val_positions])
 
-    tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=task["dtype"])
+    tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
     npz = work / f"{stem}.npz"
     with atomic_writer(npz, "wb") as f:
         np.savez(f, tokens=tokens, lengths=np.asarray(lengths, dtype=np.int64),
                  nbytes=np.asarray(nbytes, dtype=np.int64))
     summary = {"index": task["index"], "seen": seen, "skipped": skipped,
                "documents": len(nbytes), "tokens": int(tokens.size),
-               "bytes": int(sum(nbytes)), "candidates": candidates,
+               "bytes": int(sum(nbytes)),
+               "candidates": [(u, i, pos, lengths[pos]) for u, i, pos in candidates],
+               "heldout": [(i, pos, lengths[pos]) for i, pos in heldout],
+               "val_positions": val_positions,  # the records in candidates_file, in order
                "npz": str(npz), "candidates_file": str(cand_file)}
     atomic_write_json(summary_file, summary)
     return summary
+
+
+_WRITER_CLASS: Any = None
+
+
+def _tokens_writer_class() -> Any:
+    """``MDSWriter`` with a fast ``encode_sample`` for our one column: a 1-D array of
+    ``seq_len`` ids encodes to the same bytes every time but for the values, so the sample is
+    a constant prefix plus ``tobytes()``, instead of streaming's generic per-sample encoding
+    (which parses the column encoding and sizes the shape for each sample: a tenth of the
+    stage's time). The first sample is encoded both ways; on any difference (another
+    streaming version) the writer keeps streaming's own encoding."""
+    global _WRITER_CLASS
+    if _WRITER_CLASS is None:
+        from streaming import MDSWriter
+
+        class TokensWriter(MDSWriter):
+            _prefix: bytes | None = None
+            _fast: bool | None = None  # None: not checked yet
+
+            def encode_sample(self, sample: dict[str, Any]) -> bytes:
+                tokens = sample.get(TOKENS_COLUMN)
+                if self._fast is False or len(sample) != 1 or tokens is None \
+                        or tokens.ndim != 1:
+                    return super().encode_sample(sample)
+                if self._fast is None:
+                    import numpy as np
+
+                    reference = super().encode_sample(sample)
+                    payload = tokens.tobytes()
+                    width = next(i for i, bound in enumerate((1 << 8, 1 << 16, 1 << 32))
+                                 if tokens.size < bound)  # the shape's uint code, as streaming
+                    self._prefix = (np.asarray([len(reference) - 4], "<u4").tobytes()
+                                    + bytes([1 << 2 | width])
+                                    + np.asarray([tokens.size], f"<u{1 << width}").tobytes())
+                    self._size = tokens.size
+                    self._fast = self._prefix + payload == reference
+                    return reference
+                if tokens.size != self._size:
+                    return super().encode_sample(sample)
+                return self._prefix + tokens.tobytes()  # type: ignore[operator]
+
+        _WRITER_CLASS = TokensWriter
+    return _WRITER_CLASS
 
 
 class _Packer:
@@ -156,15 +249,20 @@ class _Packer:
             tokens = np.concatenate([self.carry, tokens])
         n = tokens.size // self.seq_len
         for i in range(n):
-            self.writer.write({"tokens": tokens[i * self.seq_len : (i + 1) * self.seq_len]})
+            self.writer.write({TOKENS_COLUMN: tokens[i * self.seq_len : (i + 1) * self.seq_len]})
         self.carry = tokens[n * self.seq_len :].copy()
         self.samples += n
+
+
+def _remote_dir(remote: str, split: str) -> str:
+    """``<remote>/<split>``: a URL or a local path."""
+    return f"{remote.rstrip('/')}/{split}" if "://" in remote else os.path.join(remote, split)
 
 
 @dataclass(kw_only=True)
 class MDSShards(Stage,
                 name="mds_shards",
-                version="1",
+                version="2",
                 description="tokenize documents, pack [bos]+doc+[eos] into seq_len sequences, write MDS shards "
         "(train/, val/) and the held-out documents (val_documents/)",
                 inputs={"documents": "documents", "tokenizer": "tokenizer"},
@@ -176,6 +274,7 @@ class MDSShards(Stage,
     split_seed: int = 0
     max_val_documents: int = 2000
     size_limit: str | int = "64mb"
+    remote: str = ""
 
     def check(self, problems: Problems) -> None:
         problems.require(self.seq_len >= 2, "seq_len", f"must be at least 2, got {self.seq_len}")
@@ -191,6 +290,17 @@ class MDSShards(Stage,
         else:
             problems.add("size_limit", f"{self.size_limit!r} is not a size like '64mb' or "
                              "67108864")
+        if self.remote:
+            scheme = self.remote.split("://", 1)[0] if "://" in self.remote else ""
+            if scheme:
+                problems.require(scheme in REMOTE_SCHEMES, "remote",
+                                 f"{self.remote!r}: scheme {scheme!r} is not one streaming "
+                                 f"uploads to ({', '.join(REMOTE_SCHEMES)}; or an absolute "
+                                 "local path)")
+            else:
+                problems.require(os.path.isabs(self.remote), "remote",
+                                 f"{self.remote!r}: a local remote must be an absolute path "
+                                 "(or a URL such as s3://bucket/prefix)")
 
     def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
         meta = {"seq_len": self.seq_len}
@@ -201,7 +311,6 @@ class MDSShards(Stage,
     def run(self, ctx: StageContext) -> None:
         start = time.perf_counter()
         import numpy as np
-        from streaming import MDSWriter
 
         docs_art, tok_art = ctx.inputs["documents"], ctx.inputs["tokenizer"]
         parts = list_parts(docs_art.path)
@@ -213,6 +322,10 @@ class MDSShards(Stage,
             meta = {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                     "pad_id": tok.pad_id, **meta}
         vocab_size = int(meta["vocab_size"])
+        if int(meta["bos_id"]) < 0 or int(meta["eos_id"]) < 0:
+            raise StageError(f"the tokenizer {tok_art.path} has no bos or eos token (bos_id "
+                             f"{meta['bos_id']}, eos_id {meta['eos_id']}); mds_shards packs "
+                             "[bos] + document + [eos]")
         dtype = "uint16" if vocab_size <= 65536 else "int32"
 
         # 1. tokenize every part (in parallel), tokens to scratch
@@ -233,15 +346,22 @@ class MDSShards(Stage,
                 ctx.skip(reason, n)
         ctx.check_skips(seen)
 
-        # 2. the validation documents: the smallest split values under val_fraction
+        # 2. the validation documents: every held-out one, plus the smallest split values
+        #    under val_fraction among the others (at most max_val_documents of those)
         cands = sorted((u, doc_id, s["index"], pos, n)
                        for s in summaries for u, doc_id, pos, n in s["candidates"])
         cands = cands[: self.max_val_documents]
-        val_pos: dict[int, list[int]] = {}
+        val_pos: dict[int, set[int]] = {}
         for _, _, part, pos, _ in cands:
-            val_pos.setdefault(part, []).append(pos)
+            val_pos.setdefault(part, set()).add(pos)
+        num_marked = marked_tokens = 0
+        for s in summaries:
+            for _, pos, n in s["heldout"]:
+                val_pos.setdefault(s["index"], set()).add(pos)
+                num_marked += 1
+                marked_tokens += n
         total_tokens = sum(s["tokens"] for s in summaries)
-        train_tokens_total = total_tokens - sum(c[4] for c in cands)
+        train_tokens_total = total_tokens - sum(c[4] for c in cands) - marked_tokens
         if train_tokens_total < self.seq_len:
             raise StageError(
                 f"not enough data for one training sequence: the training documents give "
@@ -253,7 +373,7 @@ class MDSShards(Stage,
         for sub in ("train", "val", "val_documents"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "val_documents").mkdir(parents=True)
-        columns = {"tokens": f"ndarray:{dtype}"}
+        columns = {TOKENS_COLUMN: f"ndarray:{dtype}"}
         num_train_docs = num_val_docs = train_bytes = val_bytes = 0
         val_records: list[dict[str, Any]] = []
         val_parts = 0
@@ -266,35 +386,48 @@ class MDSShards(Stage,
                 val_parts += 1
                 val_records = val_records[VAL_DOCUMENTS_PER_PART:]
 
+        def writer(split: str) -> Any:
+            local = str(out / split)
+            target = (local, _remote_dir(self.remote, split)) if self.remote else local
+            return _tokens_writer_class()(out=target, columns=columns, compression="zstd",
+                             size_limit=self.size_limit, hashes=list(SHARD_HASHES),
+                             keep_local=True)
+
         try:
-            with MDSWriter(out=str(out / "train"), columns=columns, compression="zstd",
-                           size_limit=self.size_limit) as train_w, \
-                 MDSWriter(out=str(out / "val"), columns=columns, compression="zstd",
-                           size_limit=self.size_limit) as val_w:
+            with writer("train") as train_w, writer("val") as val_w:
                 train_p, val_p = (_Packer(w, self.seq_len, dtype) for w in (train_w, val_w))
                 for done, s in enumerate(summaries, 1):
                     with np.load(s["npz"]) as z:
                         tokens, lengths, nbytes = z["tokens"], z["lengths"], z["nbytes"]
-                    is_val = np.zeros(lengths.size, dtype=bool)
-                    positions = sorted(val_pos.get(s["index"], []))
-                    is_val[positions] = True
-                    token_is_val = np.repeat(is_val, lengths)
-                    train_p.add(tokens[~token_is_val])
-                    val_p.add(tokens[token_is_val])
-                    num_val_docs += len(positions)
-                    num_train_docs += int(lengths.size) - len(positions)
-                    val_bytes += int(nbytes[is_val].sum())
-                    train_bytes += int(nbytes[~is_val].sum())
+                    positions = sorted(val_pos.get(s["index"], ()))
                     if positions:
+                        is_val = np.zeros(lengths.size, dtype=bool)
+                        is_val[positions] = True
+                        token_is_val = np.repeat(is_val, lengths)
+                        train_p.add(tokens[~token_is_val])
+                        val_p.add(tokens[token_is_val])
+                        val_bytes += int(nbytes[is_val].sum())
+                        train_bytes += int(nbytes[~is_val].sum())
                         wanted = set(positions)
-                        for (_, _, pos, _), rec in zip(s["candidates"],
-                                                       read_documents(Path(s["candidates_file"]))):
+                        for pos, rec in zip(s["val_positions"],
+                                            read_documents(Path(s["candidates_file"]))):
                             if pos in wanted:
                                 val_records.append(rec)
                         flush_val_records()
+                    else:
+                        train_p.add(tokens)
+                        train_bytes += int(nbytes.sum())
+                    num_val_docs += len(positions)
+                    num_train_docs += int(lengths.size) - len(positions)
                     ctx.progress(done, len(summaries), "parts packed")
         except ValueError as e:  # MDSWriter's own checks (size_limit, ...)
             raise StageError(f"writing MDS shards failed: {e}") from e
+        except Exception as e:  # an upload: credentials, bucket, network
+            if not self.remote:
+                raise
+            raise StageError(f"writing MDS shards to remote {self.remote!r} failed: "
+                             f"{type(e).__name__}: {e} (streaming logs each failed upload; "
+                             "check the URL and the object store's credentials)") from e
         flush_val_records(final=True)
 
         dropped_train, dropped_val = int(train_p.carry.size), int(val_p.carry.size)
@@ -302,7 +435,8 @@ class MDSShards(Stage,
         ctx.count("dropped_tail_tokens.val", dropped_val)
         ctx.count("train_documents", num_train_docs)
         ctx.count("val_documents", num_val_docs)
-        if self.val_fraction > 0 and val_p.samples == 0:
+        ctx.count("val_documents.marked_heldout", num_marked)
+        if (self.val_fraction > 0 or num_marked) and val_p.samples == 0:
             ctx.log(f"the {num_val_docs} validation documents fill no sequence of "
                     f"{self.seq_len} tokens: val/ is empty")
 
@@ -320,9 +454,14 @@ class MDSShards(Stage,
             "num_val_tokens": val_p.samples * self.seq_len,
             "num_train_documents": num_train_docs,
             "num_val_documents": num_val_docs,
+            "num_heldout_documents": num_marked,
             "train_bytes": train_bytes,
             "val_bytes": val_bytes,
+            "document_boundaries": BOUNDARIES_BOS,
+            "data_digest": data_digest(out),
         })
+        if self.remote:
+            ctx.meta["remote"] = self.remote
         ctx.metrics.update({
             "seconds": round(time.perf_counter() - start, 3),
             "train_bytes_per_token": round(

@@ -22,14 +22,20 @@ outside a run, ``read_manifest(dir)["meta"]``. Meta keys marked (opt) may be abs
     read: iter_documents(dir), list_parts + read_documents(part)
     write: write_documents(dir / part_name(i), records)
 
-``tokenizer``: a trained tokenizer (``sentencepiece_bpe``)::
+``tokenizer``: a trained tokenizer (``sentencepiece_bpe``, ``hf_byte_bpe``)::
 
-    tokenizer.model   the SentencePiece model (BPE or unigram, byte fallback)
-    tokenizer.vocab   one "piece<TAB>score" line per id (unprintable pieces \\u-escaped)
-    tokenizer.json    format ("sentencepiece"), model_file, model_type, vocab_size, unk_id,
-                      bos_id, eos_id, pad_id, byte_fallback, add_bos/add_eos (false: encode
-                      adds neither), escape (U+2581/U+E000 escaping, see recipe_engine.tokenizer)
-    meta: vocab_size, bos_id, eos_id, pad_id, unk_id, model_type
+    tokenizer.json    ours, always: format ("sentencepiece" | "hf_tokenizers"), vocab_size,
+                      unk_id, bos_id, eos_id, pad_id, add_bos/add_eos (false: encode adds
+                      neither), special_tokens (opt: declared token -> id), split_digits (opt);
+                      sentencepiece: model_file, model_type, byte_fallback, escape
+                      (U+2581/U+E000 escaping, see recipe_engine.tokenizer);
+                      hf_tokenizers: tokenizer_file, special_token_names
+    tokenizer.model   sentencepiece: the SentencePiece model (BPE or unigram, byte fallback)
+    tokenizer.vocab   sentencepiece: one "piece<TAB>score" line per id (\\u-escaped)
+    hf_tokenizer.json hf_tokenizers: the Hugging Face ``tokenizers`` file (byte-level BPE)
+    meta: vocab_size, bos_id, eos_id, pad_id, unk_id, model_type, special_tokens,
+          report (bytes/words per token overall, per source and per language, byte-fallback
+          rate, share of the vocabulary used; measured_on: evaluation | heldout | training)
     read: load_tokenizer(dir) -> Tokenizer (encode, encode_batch, decode, *_id, vocab_size)
 
 ``shards``: tokenized, packed sequences (``mds_shards``)::
@@ -38,12 +44,18 @@ outside a run, ``read_manifest(dir)["meta"]``. Meta keys marked (opt) may be abs
              "tokens": ndarray:uint16 (vocab_size <= 65536) or ndarray:int32, each sample
              exactly seq_len ids; documents packed as [bos] + ids + [eos], concatenated in
              document order and cut into seq_len chunks (the incomplete tail dropped)
-    val/     the same, from the validation documents (may hold no sample)
+    val/     the same, from the validation documents (may hold no sample): every document
+             marked split: heldout, plus those val_fraction picks among the others
     val_documents/   the validation documents themselves, a ``documents`` layout
+             index.json lists each shard's sha1 and xxh64; bos appears only at a document's
+             first token, so document starts are where bos is (document_boundaries: "bos")
     meta: seq_len, vocab_size, bos_id, eos_id, pad_id, dtype, num_train_samples,
           num_train_tokens, num_val_samples, num_val_tokens, num_train_documents,
-          num_val_documents, train_bytes, val_bytes
+          num_val_documents, num_heldout_documents, train_bytes, val_bytes,
+          document_boundaries ("bos"), data_digest (sha256 of train/ then val/ index.json),
+          remote (opt: where the shards were also uploaded)
     read: iter_token_sequences(dir, split="train"), read_shards_info(dir),
+          document_starts(sequence, bos_id), data_digest(dir),
           iter_documents(dir / "val_documents"); MDS format: recipe_engine.artifacts.shards
 
 ``checkpoint``: trained weights and what built them (``composer_train``)::
@@ -51,8 +63,10 @@ outside a run, ``read_manifest(dir)["meta"]``. Meta keys marked (opt) may be abs
     model.safetensors   fp32, unsharded, the module's state_dict names
     model.json          {"name": registered model component, "params": all its fields,
                          "vocab_size": int, "max_seq_len": int}
+    metrics.jsonl (opt)  per-step curves: {"step", "tokens", "loss", "lr",
+                         "tokens_per_second", "val_loss", ...} (docs/report.md)
     meta: vocab_size, seq_len, bos_id, eos_id, pad_id, num_params, tokens_trained, steps,
-          resumed_from_step
+          resumed_from_step, streams (opt: per mixed stream, share, samples drawn, epochs)
     read: read_model_spec(dir), checkpoint_weights_path(dir)
     write: write_model_spec(dir, name, params, vocab_size, max_seq_len)
 
@@ -74,8 +88,12 @@ outside a run, ``read_manifest(dir)["meta"]``. Meta keys marked (opt) may be abs
     tokenizer.json  tokenizer_config.json  special_tokens_map.json  tokenizer.model
                                                              transformers fast tokenizer
     README.md                                                model card
+    samples.json     {"settings": {...}, "samples": [{"prompt", "completion"}]}: greedy
+                     generations by the exported model (docs/report.md shows them)
     recipe_engine/   model.json + the tokenizer artifact's tokenizer.* files
-    meta: format ("huggingface"), architecture, dtype, num_params, vocab_size, max_seq_len
+    meta: format ("huggingface"), architecture, dtype, num_params, vocab_size, max_seq_len,
+          verified (transformers' logits vs the trained model's: max_abs_logit_diff,
+          tolerance, tokens)
     read: transformers' Auto classes on dir; read_model_spec(dir / EXPORT_NATIVE_DIR),
           load_tokenizer(dir / EXPORT_NATIVE_DIR)
 """
@@ -87,7 +105,8 @@ from .checkpoint import (EXPORT_NATIVE_DIR, MODEL_SPEC_FILE, WEIGHTS_FILE,
 from .documents import (HELDOUT, PART_GLOB, SPLIT_FIELD, is_heldout, iter_documents,
                         list_parts, part_name, read_documents, write_documents)
 from .reports import MANIFEST_FILE, read_eval_report, read_manifest
-from .shards import iter_mds_samples, iter_token_sequences, read_shards_info
+from .shards import (BOUNDARIES_BOS, data_digest, document_starts, iter_mds_samples,
+                     iter_token_sequences, read_shards_info)
 
 ARTIFACT_KINDS: dict[str, str] = {
     "documents": "text documents as JSONL.zst parts (id, text, source, path)",
@@ -104,4 +123,6 @@ __all__ = [
     "is_heldout", "iter_documents", "iter_mds_samples", "iter_token_sequences", "list_parts",
     "load_tokenizer", "part_name", "read_documents", "read_eval_report", "read_manifest",
     "read_model_spec", "read_shards_info", "write_documents", "write_model_spec",
+    # shards: document boundaries and the data digest
+    "BOUNDARIES_BOS", "data_digest", "document_starts",
 ]

@@ -25,11 +25,22 @@ in column order, then the columns' bytes in column order. ``ndarray[:dtype[:shap
 byte, then the shape, when it names no shape] [values]``; ``mds_shards`` writes
 ``ndarray:uint16`` (or ``int32``), so a sample is ``[4-byte size][1 byte ndim/width][shape]
 [seq_len values]``.
+
+Integrity: ``mds_shards`` has the writer record ``sha1`` and ``xxh64`` digests of every shard
+file in ``index.json`` (``raw_data.hashes``, ``zip_data.hashes``); this reader checks the
+``sha1`` of each file it reads when the index has one. ``data_digest(dir)`` is one sha256
+over the ``train/`` and ``val/`` index files, so it changes when any shard's bytes do.
+
+Document boundaries are not stored in a column: ``mds_shards`` guarantees that ``bos_id``
+occurs exactly at the first token of every document and nowhere else (meta
+``document_boundaries: "bos"``), so ``document_starts(tokens, bos_id)`` recovers them from a
+sample, whether it came from this reader or from ``streaming.StreamingDataset``.
 """
 from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import json
 import struct
 from decimal import Decimal
@@ -41,6 +52,8 @@ from .reports import read_manifest
 INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
 TOKENS_COLUMN = "tokens"
+BOUNDARIES_BOS = "bos"  # meta["document_boundaries"]: every document starts with bos_id
+VERIFIED_HASH = "sha1"  # the shard digest this reader checks (hashlib; xxh64 is not stdlib)
 
 # streaming.base.format.mds.encodings.NDArray's codes
 _VALUE_DTYPES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16",
@@ -81,15 +94,27 @@ def _decompress(algo: str, data: bytes) -> bytes:
                      "(zstd, gz and bz2 are)")
 
 
+def _check_hash(path: Path, data: bytes, info: dict[str, Any]) -> None:
+    want = (info.get("hashes") or {}).get(VERIFIED_HASH)
+    if want and hashlib.new(VERIFIED_HASH, data).hexdigest() != want:
+        raise ValueError(f"{path}: {VERIFIED_HASH} differs from the one in index.json "
+                         "(the file is damaged or was replaced)")
+
+
 def _shard_bytes(split_dir: Path, shard: dict[str, Any]) -> bytes:
     raw = shard.get("raw_data") or {}
     raw_path = split_dir / raw.get("basename", "")
     if raw and raw_path.is_file() and raw_path.stat().st_size == raw.get("bytes"):
-        return raw_path.read_bytes()
+        data = raw_path.read_bytes()
+        _check_hash(raw_path, data, raw)
+        return data
     zipped = shard.get("zip_data")
     if not zipped or not shard.get("compression"):
         raise FileNotFoundError(f"{raw_path}: MDS shard file missing")
-    data = _decompress(shard["compression"], (split_dir / zipped["basename"]).read_bytes())
+    zip_path = split_dir / zipped["basename"]
+    packed = zip_path.read_bytes()
+    _check_hash(zip_path, packed, zipped)
+    data = _decompress(shard["compression"], packed)
     if raw and len(data) != raw.get("bytes"):
         raise ValueError(f"{split_dir / zipped['basename']}: decompressed to {len(data)} "
                          f"bytes, the index says {raw.get('bytes')} (the file is damaged)")
@@ -188,11 +213,38 @@ def iter_token_sequences(directory: str | Path, split: str = "train",
         yield sample[column]
 
 
+def document_starts(tokens: Any, bos_id: int) -> Any:
+    """Where documents begin inside one packed sequence: the positions of ``bos_id``, as a
+    sorted ``int32`` numpy array (empty when the whole sequence continues one document).
+    Valid for shards whose meta says ``document_boundaries: "bos"``. Tokens before the first
+    start belong to a document begun in an earlier sequence. For a per-document attention
+    mask, ``segment = numpy.cumsum(tokens == bos_id)`` numbers the documents of a sequence
+    (0: the one carried over) and token ``i`` may attend to ``j <= i`` iff their segments
+    match; positions restart at each start."""
+    import numpy as np
+
+    return np.flatnonzero(np.asarray(tokens) == bos_id).astype(np.int32)
+
+
+def data_digest(directory: str | Path) -> str:
+    """sha256 (hex) over the ``index.json`` of ``train/`` and ``val/`` of a shards artifact:
+    it names the exact token data, since each index lists every shard's size and sha1.
+    ``mds_shards`` stores it as ``meta["data_digest"]``; a trainer keeps it in its
+    checkpoints and refuses to resume on shards whose digest differs."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        data = (Path(directory) / split / INDEX_FILE).read_bytes()
+        h.update(f"{split}/{INDEX_FILE} {len(data)}\n".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def read_shards_info(directory: str | Path) -> dict[str, Any]:
     """What a shards artifact says about itself: the producer's ``meta`` (``seq_len``,
     ``vocab_size``, ``bos_id``, ``dtype``, ``num_train_samples``, ...; empty without a
-    manifest) plus ``splits``: ``{split: {num_samples, num_shards, columns, compression}}``
-    from each split's ``index.json``."""
+    manifest) plus ``splits``: ``{split: {num_samples, num_shards, columns, compression,
+    hashes}}`` from each split's ``index.json`` (``hashes``: the digest algorithms recorded
+    per shard file)."""
     directory = Path(directory)
     info = dict(read_manifest(directory).get("meta", {}))
     splits = {}
@@ -202,6 +254,7 @@ def read_shards_info(directory: str | Path) -> dict[str, Any]:
             if shards else {}
         splits[sub.name] = {"num_samples": sum(s["samples"] for s in shards),
                             "num_shards": len(shards), "columns": columns,
-                            "compression": shards[0].get("compression") if shards else None}
+                            "compression": shards[0].get("compression") if shards else None,
+                            "hashes": list(shards[0].get("hashes") or []) if shards else []}
     info["splits"] = splits
     return info
