@@ -17,14 +17,18 @@ TINY = [
     "data.source.include=[json/*.py,email/mime/*.py,email/_*.py,csv.py,textwrap.py,shlex.py]",
     "tokenizer.vocab_size=600",
     "shards.seq_len=64",
-    "shards.val_fraction=0.2",
+    "data.holdout.fraction=0.2",
+    "docs_data.source.include=[pip,setuptools,numpy,torch,requests,urllib3,packaging,jinja2]",
     "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
     "train.global_batch_size=8", "train.max_duration=6ba", "train.save_interval=3ba",
     "++eval.heldout.max_documents=3",
     "++eval.lm_eval.limit=8",
     "++executor.num_workers=2",
 ]
-STAGES = ["source", "filter", "dedup", "near_dedup", "pii", "tokenizer", "shards", "train", "evaluate", "lm_eval", "export"]
+CODE = ["source", "filter", "dedup", "near_dedup", "pii", "holdout"]
+DOCS = ["docs_source", "docs_extract", "docs_language", "docs_filter", "docs_pii", "docs_dedup"]
+STAGES = [*CODE, *DOCS, "tokenizer", "shards", "docs_shards", "train", "evaluate", "lm_eval",
+          "export"]
 
 
 def recipe(*args, store, check=True, timeout=600):
@@ -57,6 +61,23 @@ def test_every_stage_commits(first_run):
     assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
 
 
+def test_heldout_split_comes_before_the_tokenizer_and_streams_are_mixed(first_run):
+    """The evaluation files are marked before anything learns: the tokenizer leaves them out,
+    the shards send exactly them to val/; training mixes code and docs 90/10."""
+    store, summary = first_run
+    manifests = {s["name"]: json.loads((Path(s["artifact"]) / "manifest.json").read_text())
+                 for s in summary["stages"]}
+    heldout = manifests["holdout"]["meta"]["heldout"]["num_documents"]
+    assert heldout >= 1
+    assert manifests["tokenizer"]["counts"]["excluded_heldout"] == heldout
+    assert manifests["tokenizer"]["meta"]["report"]["measured_on"] == "evaluation"
+    assert manifests["shards"]["meta"]["num_val_documents"] == heldout
+    assert manifests["evaluate"]["metrics"]["num_documents"] <= heldout
+    streams = manifests["train"]["meta"]["streams"]
+    assert [s["stage"] for s in streams] == ["shards", "docs_shards"]
+    assert [s["share"] for s in streams] == [0.9, 0.1]
+
+
 def test_second_run_is_all_cached(first_run):
     store, first = first_run
     again, _ = recipe(*TINY, store=store)
@@ -68,9 +89,8 @@ def test_one_filter_parameter_reruns_exactly_its_descendants(first_run):
     store, _ = first_run
     changed, _ = recipe(*TINY, "data.quality.max_line_length=900", store=store)
     assert statuses(changed) == {
-        "source": "cached", "filter": "ran", "dedup": "ran", "near_dedup": "ran", "pii": "ran",
-        "tokenizer": "ran", "shards": "ran",
-        "train": "ran", "evaluate": "ran", "lm_eval": "ran", "export": "ran"}
+        "source": "cached", **{s: "ran" for s in CODE[1:]}, **{s: "cached" for s in DOCS},
+        **{s: "ran" for s in STAGES[len(CODE) + len(DOCS):]}}
 
 
 def test_multirun_over_learning_rate_shares_data_stages(first_run):
@@ -78,7 +98,7 @@ def test_multirun_over_learning_rate_shares_data_stages(first_run):
     result, _ = recipe(*TINY, "-m", "optim.lr=1e-3,2e-3", store=store)
     jobs = result["jobs"]
     assert [j["overrides"][-1] for j in jobs] == ["optim.lr=0.001", "optim.lr=0.002"]
-    data = ["source", "filter", "dedup", "near_dedup", "pii", "tokenizer", "shards"]
+    data = [*CODE, *DOCS, "tokenizer", "shards", "docs_shards"]
     second = statuses(jobs[1])
     assert all(second[s] == "cached" for s in data)
     assert all(second[s] == "ran" for s in ["train", "evaluate", "lm_eval", "export"])
