@@ -72,20 +72,23 @@ def from_hf_name(name: str) -> str:
     raise ValueError(f"not a LlamaForCausalLM weight: {name!r}")
 
 
-def hf_config(spec: dict[str, Any], tokenizer: Any, dtype: str) -> Any:
-    """``LlamaConfig`` for a checkpoint's ``model.json`` (architecture ``llama``)."""
+def hf_config(spec: dict[str, Any], tokenizer: Any, dtype: str, model_cfg: Any = None) -> Any:
+    """``LlamaConfig`` for a checkpoint's ``model.json`` (architecture ``llama``);
+    ``model_cfg``: the built model component (its RoPE scaling, its MLP width)."""
     from transformers import LlamaConfig
 
     p = spec["params"]
+    rope_scaling = model_cfg.hf_rope_scaling() if hasattr(model_cfg, "hf_rope_scaling") else None
+    hidden = int(model_cfg.hidden_dim) if hasattr(model_cfg, "hidden_dim") else _hidden_dim(p)
     n_heads = p["n_heads"]
     return LlamaConfig(
         vocab_size=spec["vocab_size"], hidden_size=p["dim"],
-        intermediate_size=_hidden_dim(p), num_hidden_layers=p["n_layers"],
+        intermediate_size=hidden, num_hidden_layers=p["n_layers"],
         num_attention_heads=n_heads, num_key_value_heads=p.get("n_kv_heads") or n_heads,
         head_dim=p["dim"] // n_heads, hidden_act="silu",
         max_position_embeddings=spec["max_seq_len"], initializer_range=p.get("init_std", 0.02),
         rms_norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
-        rope_scaling=None, attention_bias=False, mlp_bias=False,
+        rope_scaling=rope_scaling, attention_bias=False, mlp_bias=False,
         tie_word_embeddings=bool(p.get("tie_embeddings", True)),
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
         pad_token_id=tokenizer.pad_id if tokenizer.pad_id >= 0 else None,
@@ -290,8 +293,11 @@ def export_hf(ctx: StageContext, dtype: str = "float32", verify: bool = True,
     ckpt, tok_art = ctx.inputs["checkpoint"], ctx.inputs["tokenizer"]
     out = Path(ctx.output)
     spec = read_model_spec(ckpt.path)
-    if spec["name"] != "llama":
-        raise StageError(f"hf_export knows the 'llama' architecture only, not {spec['name']!r}")
+    model_cfg = ctx.build(ModelConfig, {"name": spec["name"], **spec["params"]})
+    why = model_cfg.hf_unsupported() if hasattr(model_cfg, "hf_unsupported") else \
+        [f"hf_export knows the llama family only, not {spec['name']!r}"]
+    if why:
+        raise StageError("hf_export: LlamaForCausalLM cannot hold this model: " + "; ".join(why))
     model = build_model(spec, ctx.build)
     load_weights(model, str(checkpoint_weights_path(ckpt.path)))
     model.eval()
@@ -302,7 +308,7 @@ def export_hf(ctx: StageContext, dtype: str = "float32", verify: bool = True,
             f"tokenizer's vocab_size={tokenizer.vocab_size}; was the model trained with this "
             "tokenizer?")
 
-    config = hf_config(spec, tokenizer, dtype)
+    config = hf_config(spec, tokenizer, dtype, model_cfg)
     config.save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id, do_sample=False).save_pretrained(out)

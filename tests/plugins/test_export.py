@@ -272,3 +272,27 @@ def test_a_wrong_conversion_fails_the_export(tmp_path, tokenizer_artifact, tok, 
     with pytest.raises(StageError, match="logits differ"):
         run_stage(HFExport(sample_prompts=[]), tmp_path / "export",
                   inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
+
+
+@pytest.mark.parametrize("params, reason", [
+    ({"position_embedding": "alibi", "rope_theta": 10000.0}, "position_embedding: alibi"),
+    ({"mlp": "gelu"}, "mlp: gelu"),
+    ({"qk_norm": True}, "qk_norm"),
+])
+def test_architectures_llama_cannot_hold_are_refused(tmp_path, tokenizer_artifact, tok, params, reason):
+    from recipe_engine import StageError
+
+    ckpt = _checkpoint(tmp_path / "ckpt", tok.vocab_size, **params)
+    with pytest.raises(StageError, match=f"cannot hold this model: {reason}"):
+        run_stage(HFExport(), tmp_path / "export",
+                  inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
+
+
+def test_rope_scaling_is_exported_and_verified(tmp_path, tokenizer_artifact, tok):
+    ckpt = _checkpoint(tmp_path / "ckpt", tok.vocab_size, rope_scaling="linear",
+                       rope_scaling_factor=4.0)
+    art = run_stage(HFExport(sample_prompts=[]), tmp_path / "export",
+                    inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
+    config = json.loads((art.path / "config.json").read_text())
+    assert config["rope_scaling"]["factor"] == 4.0
+    assert art.manifest["meta"]["verified"]["max_abs_logit_diff"] <= 1e-4
