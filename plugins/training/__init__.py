@@ -7,6 +7,8 @@
 * stage ``composer_train`` (``shards`` -> ``checkpoint``): Composer's trainer over the
   mosaicml-streaming shards, checkpointing into the stage's work directory so that a killed
   run resumes from its last checkpoint and data position.
+* stages ``sft`` and ``dpo`` (``checkpoint`` + ``tokenizer`` + ``documents`` ->
+  ``checkpoint``): post-training with the same trainer and sub-components (``posttrain.py``).
 
 This module stays light: torch, Composer and streaming are imported inside functions
 (``trainer.py`` and ``worker.py`` hold the heavy code).
@@ -375,6 +377,12 @@ class ComposerTrain(Stage,
             train(self, ctx)
 
 
+from .posttrain import COMPONENTS as POSTTRAIN_COMPONENTS  # noqa: E402  (needs the bases above)
+
+
 @hookimpl
 def recipe_components():
-    return [AdamW, CosineWarmup, SingleDevice, DDP, FSDP, ComposerTrain]
+    from .optim import COMPONENTS as OPTIM_COMPONENTS  # imports this module's bases
+
+    return [AdamW, CosineWarmup, SingleDevice, DDP, FSDP, ComposerTrain, *POSTTRAIN_COMPONENTS,
+            *OPTIM_COMPONENTS]

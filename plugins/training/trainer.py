@@ -12,6 +12,10 @@ the seed, ``num_canonical_nodes`` and the global batch size, also on another num
 processes or nodes. ``DataFingerprint`` stores a digest of the training data in every
 checkpoint and refuses to resume one made from other data.
 
+Post-training (``sft``, ``dpo``; ``posttrain.py``): ``train`` hands those stages to
+``train_posttrain`` at the end of this module (so launched workers run them too): the same
+``Trainer`` set-up over in-memory tokenized rows, with their own ``ComposerModel``s.
+
 Tracing (a test aid): with ``RECIPE_TRACE_SAMPLES=PATH`` in the environment, every process
 appends one JSON line per device batch to ``PATH`` (``SampleTrace``), naming the samples it
 trains on by their index in the train split.
@@ -325,6 +329,30 @@ def full_state_dict(module: torch.nn.Module, sharded: bool) -> dict[str, torch.T
     return clean
 
 
+def save_checkpoint_artifact(state_dict: dict[str, torch.Tensor], model_cfg: Any, vocab_size: int,
+                             seq_len: int, output: Path) -> None:
+    """Write the checkpoint artifact: the weights, loaded into a fresh module of
+    ``model_cfg`` (so that every name fits), as ``model.safetensors``, and ``model.json``."""
+    from safetensors.torch import save_model as save_weights
+
+    from recipe_engine.artifacts import WEIGHTS_FILE, write_model_spec
+
+    fresh = model_cfg.build(vocab_size, seq_len)
+    missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
+    # a tied weight may be gathered under one of its names only; the fresh module ties it
+    first_name: dict[int, str] = {}
+    tied = set()
+    for name, p in fresh.named_parameters(remove_duplicate=False):
+        if id(p) in first_name:
+            tied.update({name, first_name[id(p)]})
+        first_name.setdefault(id(p), name)
+    if unexpected or set(missing) - tied:
+        raise StageError(f"the trained weights do not fit a fresh {model_cfg.name}: missing "
+                         f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    save_weights(fresh, str(output / WEIGHTS_FILE))  # the checkpoint artifact
+    write_model_spec(output, model_cfg.name, model_cfg.params(), vocab_size, seq_len)
+
+
 # -- checkpoints left by an earlier attempt --------------------------------------------------
 
 
@@ -407,6 +435,8 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     """Train, write the checkpoint artifact into ``ctx.output`` (rank 0), fill ``ctx.meta``
     and ``ctx.metrics``. ``cache_tag`` names this attempt's stream cache (the launcher gives
     every rank the same one). Returns ``{"meta": ..., "metrics": ...}``."""
+    if stage.name in ("sft", "dpo"):  # the post-training stages (also in launched workers)
+        return train_posttrain(stage, ctx, cache_tag)  # type: ignore[arg-type]
     started = time.perf_counter()
     shards = ctx.inputs["shards"]  # the first stream: validation sequences come from it
     streams = ctx.input_lists.get("shards") or [shards]
@@ -573,24 +603,7 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     sharded = trainer.state.fsdp_enabled
     state_dict = full_state_dict(composer_model.model, sharded)
     if rank == 0:
-        from safetensors.torch import save_model as save_weights
-
-        from recipe_engine.artifacts import WEIGHTS_FILE, write_model_spec
-
-        fresh = model_cfg.build(vocab_size, seq_len)
-        missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
-        # a tied weight may be gathered under one of its names only; the fresh module ties it
-        first_name: dict[int, str] = {}
-        tied = set()
-        for name, p in fresh.named_parameters(remove_duplicate=False):
-            if id(p) in first_name:
-                tied.update({name, first_name[id(p)]})
-            first_name.setdefault(id(p), name)
-        if unexpected or set(missing) - tied:
-            raise StageError(f"the trained weights do not fit a fresh {model_cfg.name}: missing "
-                             f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-        save_weights(fresh, str(Path(ctx.output) / WEIGHTS_FILE))  # the checkpoint artifact
-        write_model_spec(Path(ctx.output), model_cfg.name, model_cfg.params(), vocab_size, seq_len)
+        save_checkpoint_artifact(state_dict, model_cfg, vocab_size, seq_len, Path(ctx.output))
     trainer.close()
     if dist.get_local_rank() == 0:
         shutil.rmtree(cache_root / tag, ignore_errors=True)
@@ -621,4 +634,436 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
         if progress.val_loss is not None:
             done += f", val loss {progress.val_loss:.4f}"
         ctx.log(done + (f", {tps:,.0f} tok/s" if tps else ""))
+    return {"meta": out_meta, "metrics": ctx.metrics}
+
+
+# -- post-training: sft and dpo --------------------------------------------------------------
+#
+# The data are small (tens of thousands of examples at most), tokenized in memory, and read
+# through a plain DataLoader with Composer's DistributedSampler (shuffled per epoch by
+# ``seed``; Composer sets the epoch and, on resume, skips the batches already trained in it).
+
+
+class RowDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def _pad(seqs: Sequence[Sequence[int]], width: int, value: int) -> torch.Tensor:
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        out[j, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return out
+
+
+class CollateRows:
+    """SFT rows ``{"ids", "labels"}`` -> ``{"tokens", "labels"}``, right-padded to the
+    longest row of the batch (pad id, label ``IGNORE_INDEX``)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["ids"]) for r in rows)
+        return {"tokens": _pad([r["ids"] for r in rows], width, self.pad_id),
+                "labels": _pad([r["labels"] for r in rows], width, IGNORE_INDEX)}
+
+
+class CollatePairs:
+    """DPO pairs -> chosen and rejected tokens/labels padded to one width, and the
+    reference log-probabilities (when the rows hold them)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows)
+        batch = {f"{side}_{part}": _pad([r[f"{side}_{key}"] for r in rows], width,
+                                        self.pad_id if key == "ids" else IGNORE_INDEX)
+                 for side in ("chosen", "rejected") for part, key in (("tokens", "ids"),
+                                                                     ("labels", "labels"))}
+        if "ref_chosen" in rows[0]:
+            batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows], dtype=torch.float32)
+            batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows],
+                                                 dtype=torch.float32)
+        return batch
+
+
+def _batch_samples(batch: dict[str, torch.Tensor]) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+def _batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(sum(int((v != IGNORE_INDEX).sum()) for k, v in batch.items() if k.endswith("labels")))
+
+
+def sequence_logps(module: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of ``log p(token)`` over the labelled positions."""
+    logits = module(tokens[:, :-1]).float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(dim=-1)
+
+
+class ChatLM(ComposerModel):
+    """SFT: next-token cross-entropy on the labelled positions only (the assistant turns),
+    averaged over those tokens."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["tokens"][:, :-1])
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *args: Any,
+             **kwargs: Any) -> torch.Tensor:
+        return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX)
+
+
+class PreferenceLM(ComposerModel):
+    """DPO / IPO on pairs; the reference log-probabilities come with the batch."""
+
+    def __init__(self, model: torch.nn.Module, beta: float, kind: str):
+        super().__init__()
+        self.model = model
+        self.beta, self.kind = beta, kind
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = batch["chosen_tokens"].shape[0]
+        tokens = torch.cat([batch["chosen_tokens"], batch["rejected_tokens"]])
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        logps = sequence_logps(self.model, tokens, labels)  # one forward for both sides
+        return logps[:n], logps[n:]
+
+    def loss(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor],
+             *args: Any, **kwargs: Any) -> torch.Tensor:
+        from .posttrain import dpo_loss
+
+        losses, _, _ = dpo_loss(outputs[0], outputs[1], batch["ref_chosen"], batch["ref_rejected"],
+                                self.beta, self.kind)
+        return losses.mean()
+
+
+@torch.no_grad()
+def masked_loss(module: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int,
+                batch_size: int, device: Any) -> float | None:
+    """Mean cross-entropy (nats per target token) of ``module`` on SFT rows."""
+    collate = CollateRows(pad_id)
+    total, count = 0.0, 0
+    was_training = module.training
+    module.eval()
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start:start + batch_size])
+        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+        logits = module(tokens[:, :-1]).float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    module.train(was_training)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def pair_logps(module: torch.nn.Module, pairs: list[dict[str, Any]], pad_id: int,
+               batch_size: int, device: Any) -> tuple[list[float], list[float]]:
+    """Sequence log-probabilities of every pair's chosen and rejected response."""
+    collate = CollatePairs(pad_id)
+    chosen: list[float] = []
+    rejected: list[float] = []
+    was_training = module.training
+    module.eval()
+    for start in range(0, len(pairs), batch_size):
+        b = {k: v.to(device) for k, v in collate(pairs[start:start + batch_size]).items()}
+        chosen += sequence_logps(module, b["chosen_tokens"], b["chosen_labels"]).cpu().tolist()
+        rejected += sequence_logps(module, b["rejected_tokens"], b["rejected_labels"]).cpu().tolist()
+    module.train(was_training)
+    return chosen, rejected
+
+
+def _rows_digest(rows: list[dict[str, Any]], extra: Any) -> str:
+    """The training data's fingerprint (``DataFingerprint``): every row's ids and labels."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for r in rows:
+        for key in sorted(k for k in r if k.endswith(("ids", "labels"))):
+            h.update(np.asarray(r[key], dtype="<i8").tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def _load_start(stage: Any, ctx: StageContext) -> dict[str, Any]:
+    """The tokenizer (checked for the chat tokens), the starting checkpoint's module and spec,
+    and the row length."""
+    from safetensors.torch import load_model as load_weights
+
+    from recipe_engine import ModelConfig
+    from recipe_engine.artifacts import checkpoint_weights_path, load_tokenizer, read_model_spec
+
+    from .posttrain import chat_token_ids
+
+    tokenizer = load_tokenizer(ctx.inputs["tokenizer"].path)
+    chat_token_ids(tokenizer, stage.name)
+    ckpt = ctx.inputs["checkpoint"]
+    spec = read_model_spec(ckpt.path)
+    if spec["vocab_size"] < tokenizer.vocab_size:
+        raise StageError(f"{stage.name}: the checkpoint's vocab_size={spec['vocab_size']} is "
+                         f"smaller than the tokenizer's {tokenizer.vocab_size}; was it "
+                         "pretrained with this tokenizer?")
+    context = int(spec["max_seq_len"])
+    max_len = stage.max_seq_len or context
+    if max_len > context:
+        raise StageError(f"{stage.name}: max_seq_len={max_len} is longer than the checkpoint's "
+                         f"context of {context} tokens; use at most {context} (or 0)")
+    model_cfg = ctx.build(ModelConfig, {"name": spec["name"], **spec["params"]})
+    reproducibility.seed_all(stage.seed)
+    module = model_cfg.build(spec["vocab_size"], context)
+    load_weights(module, str(checkpoint_weights_path(ckpt.path)))
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    return {"tokenizer": tokenizer, "spec": spec, "model_cfg": model_cfg, "module": module,
+            "max_len": max_len, "pad_id": pad_id}
+
+
+def _read_records(ctx: StageContext, problem: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) records of the documents input that pass ``problem``; the others
+    are skipped and counted."""
+    from recipe_engine.artifacts import is_heldout, iter_documents
+
+    train_docs, heldout_docs, seen = [], [], 0
+    for doc in iter_documents(ctx.inputs["documents"].path):
+        seen += 1
+        why = problem(doc)
+        if why:
+            ctx.skip(why)
+            continue
+        (heldout_docs if is_heldout(doc) else train_docs).append(doc)
+    ctx.count("records_in", seen)
+    ctx.check_skips(seen)
+    return train_docs, heldout_docs
+
+
+def sft_rows(docs: list[dict[str, Any]], tokenizer: Any, max_len: int, packing: bool,
+             seed: int, count: Any) -> list[dict[str, Any]]:
+    """Conversations -> training rows ``{"ids", "labels"}`` (packed or one per row), in a
+    seeded order; truncations and examples left without a target are counted."""
+    import random
+
+    from .posttrain import labels_of, pack, render_chat, truncate
+
+    examples = []
+    for doc in docs:
+        ids, target = render_chat(tokenizer, doc["messages"])
+        ids, target, cut = truncate(ids, target, max_len)
+        if cut:
+            count("truncated")
+        if not any(target[1:]):
+            count("dropped.no_target_left")
+            continue
+        examples.append((ids, labels_of(ids, target)))
+    random.Random(seed).shuffle(examples)
+    rows = pack(examples, max_len) if packing else examples
+    count("examples", len(examples))
+    return [{"ids": ids, "labels": labels} for ids, labels in rows]
+
+
+def dpo_rows(docs: list[dict[str, Any]], tokenizer: Any, max_len: int, count: Any
+             ) -> list[dict[str, Any]]:
+    """Preference triples -> ``{"chosen_ids", "chosen_labels", "rejected_ids",
+    "rejected_labels"}``: the prompt with each reply as the assistant's turn."""
+    from .posttrain import labels_of, render_chat, truncate
+
+    rows = []
+    for doc in docs:
+        row, usable = {}, True
+        for side in ("chosen", "rejected"):
+            messages = [*doc["prompt"], {"role": "assistant", "content": doc[side]}]
+            ids, target = render_chat(tokenizer, messages)
+            ids, target, cut = truncate(ids, target, max_len)
+            if cut:
+                count(f"truncated_{side}")
+            usable = usable and any(target[1:])
+            row[f"{side}_ids"], row[f"{side}_labels"] = ids, labels_of(ids, target)
+        if not usable:
+            count("dropped.no_target_left")
+            continue
+        rows.append(row)
+    count("pairs", len(rows))
+    return rows
+
+
+def train_posttrain(stage: Any, ctx: StageContext, cache_tag: str | None = None) -> dict[str, Any]:
+    """The ``sft`` / ``dpo`` stage body (one process, or each launched process)."""
+    from .posttrain import (chat_meta, conversation_problem, num_batches, preference_problem,
+                            reward_stats)
+
+    started = time.perf_counter()
+    is_dpo = stage.name == "dpo"
+    world_size, rank = dist.get_world_size(), dist.get_global_rank()
+    device = _resolve_device(stage.device, dist.get_local_world_size())
+    if world_size > 1 and not dist.is_initialized():
+        dist.initialize_dist(device)
+    if stage.global_batch_size % world_size:
+        raise StageError(f"global_batch_size={stage.global_batch_size} is not divisible by "
+                         f"the {world_size} processes")
+    device_batch = stage.global_batch_size // world_size
+    micro = stage.device_microbatch_size or device_batch
+    if device_batch % micro:
+        raise StageError(f"device_microbatch_size={micro} does not divide the per-device batch "
+                         f"of {device_batch}")
+    start = _load_start(stage, ctx)
+    tokenizer, module, max_len, pad_id = (start["tokenizer"], start["module"], start["max_len"],
+                                          start["pad_id"])
+    spec, model_cfg = start["spec"], start["model_cfg"]
+    count = ctx.count if rank == 0 else (lambda *a, **k: None)
+    train_docs, heldout_docs = _read_records(ctx, preference_problem if is_dpo
+                                             else conversation_problem)
+    torch_device = torch.device("cuda", dist.get_local_rank()) if device == "gpu" else \
+        torch.device("cpu")
+    metrics: dict[str, Any] = {}
+
+    if is_dpo:
+        rows = dpo_rows(train_docs, tokenizer, max_len, count)
+        heldout = dpo_rows(heldout_docs, tokenizer, max_len, lambda *a, **k: None)
+        # the reference model is the starting checkpoint: its log-probabilities are computed
+        # once, here, before any step, and travel with the rows
+        module.to(torch_device)
+        for group in (rows, heldout):
+            ref_c, ref_r = pair_logps(module, group, pad_id, stage.eval_batch_size, torch_device)
+            for r, c, j in zip(group, ref_c, ref_r):
+                r["ref_chosen"], r["ref_rejected"] = c, j
+        module.to("cpu")
+        collate: Any = CollatePairs(pad_id)
+        composer_model: ComposerModel = PreferenceLM(module, stage.beta, stage.loss)
+        unit = "pairs"
+    else:
+        rows = sft_rows(train_docs, tokenizer, max_len, stage.packing, stage.seed, count)
+        heldout = sft_rows(heldout_docs, tokenizer, max_len, False, stage.seed,
+                           lambda *a, **k: None)
+        if heldout:
+            module.to(torch_device)
+            metrics["val_loss_before"] = masked_loss(module, heldout, pad_id,
+                                                     stage.eval_batch_size, torch_device)
+            module.to("cpu")
+        collate = CollateRows(pad_id)
+        composer_model = ChatLM(module)
+        unit = "rows"
+    if len(rows) < stage.global_batch_size:
+        raise StageError(f"{stage.name}: {len(rows)} training {unit} do not fill one global "
+                         f"batch of {stage.global_batch_size}; lower global_batch_size")
+    dataset = RowDataset(rows)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=device_batch, collate_fn=collate, drop_last=True,
+        sampler=dist.get_sampler(dataset, shuffle=True, drop_last=True, seed=stage.seed))
+    batches_per_epoch = len(loader)
+    batches = num_batches(stage.max_duration, stage.global_batch_size, batches_per_epoch)
+
+    vocab_size, context = int(spec["vocab_size"]), int(spec["max_seq_len"])
+    num_params = model_cfg.num_params(vocab_size, embeddings=True)
+    flops_per_token = model_cfg.flops_per_token(vocab_size, context)
+    stage.parallelism.prepare(module)
+    no_decay = [f"{mname}.{pname}".lstrip(".") for mname, m in module.named_modules()
+                if isinstance(m, torch.nn.Embedding) for pname, _ in m.named_parameters(recurse=False)]
+    optimizer = stage.optimizer.build(module.named_parameters(), no_decay)
+    scheduler = stage.scheduler.build()
+    tokens_per_batch = stage.global_batch_size * max_len * (2 if is_dpo else 1)
+    progress = StageProgress(ctx if rank == 0 else None, batches, stage.log_interval,
+                             tokens_per_batch, flops_per_token)
+    algorithms = []
+    if stage.grad_clip_norm > 0:
+        from composer.algorithms import GradientClipping
+
+        algorithms.append(GradientClipping(clipping_type="norm", clipping_threshold=stage.grad_clip_norm))
+    ckpt_dir = Path(ctx.work) / "checkpoints"
+    fingerprint = DataFingerprint(_rows_digest(rows, {"max_len": max_len, "seed": stage.seed}),
+                                  Path(ctx.inputs["documents"].path), ckpt_dir, ctx.stage)
+    if rank == 0 and ckpt_dir.is_dir():
+        repaired = repair_checkpoints(ckpt_dir)
+        if repaired:
+            ctx.log(repaired)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        ctx.log(f"{stage.name}: {len(rows)} training {unit}, {len(heldout)} held out; "
+                f"{batches} batches of {stage.global_batch_size} ({batches / batches_per_epoch:.2f} "
+                f"epochs), rows of at most {max_len} tokens, {world_size} process(es) on {device}")
+    trainer = Trainer(
+        model=composer_model,
+        train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_batch_tokens,
+                                  get_num_samples_in_batch=_batch_samples),
+        max_duration=f"{batches}ba",
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        algorithms=algorithms,
+        callbacks=[progress, fingerprint],
+        loggers=[],
+        run_name=RUN_NAME,
+        progress_bar=False,
+        log_to_console=False,
+        save_folder=str(ckpt_dir),
+        save_interval=stage.save_interval.strip(),
+        save_num_checkpoints_to_keep=stage.num_checkpoints_to_keep,
+        save_overwrite=True,
+        autoresume=True,
+        device=device,
+        precision=stage.precision,
+        device_train_microbatch_size=micro,
+        seed=stage.seed,
+        **stage.parallelism.trainer_kwargs(),
+    )
+    resumed_from = int(trainer.state.timestamp.batch)
+    if resumed_from >= batches:
+        if rank == 0:
+            ctx.log(f"the checkpoint at batch {resumed_from} ends the run; not training further")
+    else:
+        if rank == 0 and resumed_from:
+            ctx.log(f"resumed from the checkpoint at batch {resumed_from}")
+        trainer.fit()
+    steps = int(trainer.state.timestamp.batch)
+    tokens_trained = int(trainer.state.timestamp.token)
+
+    state_dict = full_state_dict(composer_model.model, trainer.state.fsdp_enabled)
+    trainer.close()
+    if rank == 0:
+        save_checkpoint_artifact(state_dict, model_cfg, vocab_size, context, Path(ctx.output))
+        # measure on a fresh copy of the trained weights, outside any wrapper
+        final = model_cfg.build(vocab_size, context)
+        final.load_state_dict(state_dict, strict=False)
+        final.to(torch_device)
+        if is_dpo:
+            for split, group in (("train", rows), ("heldout", heldout)):
+                if not group:
+                    continue
+                pol_c, pol_r = pair_logps(final, group, pad_id, stage.eval_batch_size, torch_device)
+                ch = [stage.beta * (p - r["ref_chosen"]) for p, r in zip(pol_c, group)]
+                rj = [stage.beta * (p - r["ref_rejected"]) for p, r in zip(pol_r, group)]
+                for key, value in reward_stats(ch, rj).items():
+                    metrics[f"{split}/{key}"] = value
+        elif heldout:
+            metrics["val_loss"] = masked_loss(final, heldout, pad_id, stage.eval_batch_size,
+                                              torch_device)
+    metrics.update({"train_loss": progress.train_loss, "seconds": round(time.perf_counter() - started, 3)})
+    tps = progress.batches * tokens_per_batch / progress.seconds if progress.seconds else None
+    if tps:
+        metrics["tokens_per_second_max"] = round(tps, 1)  # rows counted at max_seq_len
+    out_meta = {"vocab_size": vocab_size, "seq_len": context, "bos_id": tokenizer.bos_id,
+                "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "num_params": num_params,
+                "tokens_trained": tokens_trained, "steps": steps,
+                "resumed_from_step": resumed_from, "base_model": spec["name"],
+                "posttraining": stage.name, **chat_meta(tokenizer)}
+    if not heldout and rank == 0:
+        ctx.log(f"no held-out {unit} (documents marked split: heldout): no validation figures")
+    ctx.meta.update(out_meta)
+    ctx.metrics.update({k: v for k, v in metrics.items() if v is not None})
+    if rank == 0:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and k != "seconds")
+        ctx.log(f"done: {steps} batches; {shown}")
     return {"meta": out_meta, "metrics": ctx.metrics}
