@@ -265,6 +265,10 @@ class ComposerTrain(Stage,
     log_interval: int = 10  # batches between log lines
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # per-device peak for MFU (e.g. 989 for H100 bf16 dense); 0 = no MFU
+    skip_nonfinite: bool = True  # skip the optimizer step of a batch with a NaN/Inf loss or grad
+    spike_threshold: float = 0.0  # skip a batch whose loss is this many std above the mean; 0: off
+    spike_warmup: int = 20  # batches that only feed the loss statistics
+    max_skipped_batches: int = 0  # fail past this many skipped batches; 0: no limit
 
     def check(self, problems: Problems) -> None:
         if bool(self.max_duration.strip()) == (self.tokens_per_param > 0):
@@ -294,7 +298,8 @@ class ComposerTrain(Stage,
                          "num_checkpoints_to_keep", "must be >= 1, or -1 to keep all (resume "
                          f"needs at least the last checkpoint), got {self.num_checkpoints_to_keep}")
         for key in ("eval_batches", "num_workers", "grad_clip_norm", "peak_tflops",
-                    "num_canonical_nodes"):
+                    "num_canonical_nodes", "spike_threshold", "spike_warmup",
+                    "max_skipped_batches"):
             problems.require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         problems.require(self.log_interval >= 1, "log_interval",
                          f"must be >= 1, got {self.log_interval}")

@@ -42,8 +42,11 @@ from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
 from composer.utils import dist, reproducibility
 
 from recipe_engine import StageContext, StageError, warn
+from recipe_engine.artifacts import BOUNDARIES_BOS
+from recipe_engine.fsutil import atomic_writer
 
 from . import mixing
+from .stability import StabilityGuard
 
 if TYPE_CHECKING:
     from . import ComposerTrain
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 RUN_NAME = "train"  # fixed, so that autoresume finds the checkpoints of an earlier attempt
 IGNORE_INDEX = -100
 TRACE_ENV = "RECIPE_TRACE_SAMPLES"
+CURVES_FILE = "metrics.jsonl"  # per-step curves: in the stage's scratch, then the artifact
 REQUIRED_META = ("seq_len", "vocab_size", "bos_id", "eos_id", "pad_id", "num_train_samples")
 
 
@@ -168,8 +172,10 @@ class CausalLM(ComposerModel):
         return self.model(batch[:, :-1])
 
     def loss(self, outputs: torch.Tensor, batch: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return F.cross_entropy(outputs.flatten(0, 1).float(), self.targets(batch).flatten(),
+        loss = F.cross_entropy(outputs.flatten(0, 1).float(), self.targets(batch).flatten(),
                                ignore_index=IGNORE_INDEX)
+        aux = getattr(self.model, "aux_loss", None)  # mixture of experts: load balancing
+        return loss if aux is None else loss + aux
 
     def eval_forward(self, batch: torch.Tensor, outputs: Any = None) -> torch.Tensor:
         return outputs if outputs is not None else self.forward(batch)
@@ -236,14 +242,28 @@ class StageProgress(Callback):
         self.ctx.progress(step, self.total, "batches")
         if step % self.log_interval == 0 or step == self.total:
             lr = state.optimizers[0].param_groups[0]["lr"]
+            self.record({"step": step, "tokens": int(state.timestamp.token),
+                         "loss": self.last_loss, "loss_smoothed": self.train_loss, "lr": lr})
             tps = self.batches * self.tokens_per_batch / self.seconds if self.seconds else 0.0
             smoothed = f"{self.train_loss:.4f}" if self.train_loss is not None else "?"
             self.ctx.log(f"batch {step}/{self.total} loss {smoothed} lr {lr:.3g} "
                          f"{tps:,.0f} tok/s {tps * self.flops_per_token / 1e9:,.1f} GFLOP/s")
 
+    def record(self, row: dict[str, Any]) -> None:
+        """Append one line to the stage's curves (scratch: survives a crash; rank 0 only).
+        Only values a rerun reproduces exactly go there: the committed file is the same for
+        a resumed run as for an uninterrupted one (``write_curves`` keeps a step's last line)."""
+        if self.ctx is None:
+            return
+        line = json.dumps({k: v for k, v in row.items() if v is not None}) + "\n"
+        with open(Path(self.ctx.work) / CURVES_FILE, "a") as f:
+            f.write(line)
+
     def eval_end(self, state: State, logger: Logger) -> None:
         value = state.eval_metric_values.get("LanguageCrossEntropy")
         if value is not None:
+            self.record({"step": int(state.timestamp.batch), "tokens": int(state.timestamp.token),
+                         "val_loss": float(value)})
             self.val_loss = float(value)
             if self.ctx is not None:
                 self.ctx.log(f"batch {int(state.timestamp.batch)}: val loss {self.val_loss:.4f}")
@@ -327,6 +347,28 @@ def full_state_dict(module: torch.nn.Module, sharded: bool) -> dict[str, torch.T
             key = key.replace(s, "")
         clean[key] = value.detach().to("cpu", torch.float32)
     return clean
+
+
+def write_curves(log: Path, out: Path) -> None:
+    """The curves of the run into the artifact: one line per step (training values and the
+    validation loss merged), in step order; of a step logged twice (an attempt that died after
+    logging it, then the resumed one), the later line wins."""
+    if not log.is_file():
+        return
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for line in log.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        kind = "eval" if "val_loss" in row else "train"
+        rows[(int(row.get("step", 0)), kind)] = row
+    merged: dict[int, dict[str, Any]] = {}
+    for (step, _), row in sorted(rows.items()):
+        merged.setdefault(step, {}).update(row)
+    with atomic_writer(out, "w") as f:
+        for step in sorted(merged):
+            f.write(json.dumps(merged[step]) + "\n")
 
 
 def save_checkpoint_artifact(state_dict: dict[str, torch.Tensor], model_cfg: Any, vocab_size: int,
@@ -504,7 +546,13 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     batches = stage.total_batches(num_params, seq_len, batches_per_epoch)
     tokens_per_batch = stage.global_batch_size * seq_len
     reproducibility.seed_all(stage.seed)
-    module = model_cfg.build(vocab_size, seq_len)
+    build_kwargs: dict[str, Any] = {}
+    if getattr(model_cfg, "document_masking", False):
+        if meta.get("document_boundaries") != BOUNDARIES_BOS or not isinstance(meta.get("bos_id"), int):
+            raise StageError("model.document_masking needs shards whose documents start with "
+                             "bos_id (meta document_boundaries: 'bos', mds_shards version 2)")
+        build_kwargs["bos_id"] = int(meta["bos_id"])
+    module = model_cfg.build(vocab_size, seq_len, **build_kwargs)
     parallel.prepare(module)
     no_decay = [f"{mname}.{pname}".lstrip(".") for mname, m in module.named_modules()
                 if isinstance(m, torch.nn.Embedding) for pname, _ in m.named_parameters(recurse=False)]
@@ -529,7 +577,10 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     ckpt_dir = Path(ctx.work) / "checkpoints"
     fingerprint = DataFingerprint(mixed_data_fingerprint(streams, proportions),
                                   Path(shards.path), ckpt_dir, ctx.stage)
-    callbacks: list[Callback] = [progress, fingerprint]
+    guard = StabilityGuard(skip_nonfinite=stage.skip_nonfinite,
+                           spike_threshold=stage.spike_threshold, spike_warmup=stage.spike_warmup,
+                           max_skipped=stage.max_skipped_batches)
+    callbacks: list[Callback] = [progress, fingerprint, guard]
     trace_path = os.environ.get(TRACE_ENV)
     if trace_path:
         callbacks.append(SampleTrace(Path(trace_path), [Path(a.path) for a in streams]))
@@ -604,6 +655,7 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     state_dict = full_state_dict(composer_model.model, sharded)
     if rank == 0:
         save_checkpoint_artifact(state_dict, model_cfg, vocab_size, seq_len, Path(ctx.output))
+        write_curves(Path(ctx.work) / CURVES_FILE, Path(ctx.output) / CURVES_FILE)
     trainer.close()
     if dist.get_local_rank() == 0:
         shutil.rmtree(cache_root / tag, ignore_errors=True)
@@ -625,7 +677,11 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     out_meta = {k: meta[k] for k in ("vocab_size", "seq_len", "bos_id", "eos_id", "pad_id")}
     out_meta.update(num_params=num_params, tokens_trained=tokens_trained, steps=steps,
                     resumed_from_step=resumed_from)
+    if guard.skipped:
+        out_meta["skipped_batches"] = guard.skipped
+        metrics["skipped_batches"] = len(guard.skipped)
     ctx.meta.update(out_meta)
+    out_meta = dict(ctx.meta)  # with the streams of a mixture
     ctx.metrics.update({k: v for k, v in metrics.items() if v is not None})
     if rank == 0:
         done = f"done: {steps} batches, {tokens_trained:,} tokens"
