@@ -310,14 +310,20 @@ def export_hf(ctx: StageContext, dtype: str = "float32", verify: bool = True,
 
     config = hf_config(spec, tokenizer, dtype, model_cfg)
     config.save_pretrained(out)
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+    chat_end = ckpt.meta.get("chat_end_id")  # a chat model's turn ends at <|im_end|>
+    eos = [config.eos_token_id, int(chat_end)] if isinstance(chat_end, int) else config.eos_token_id
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos,
                      pad_token_id=config.pad_token_id, do_sample=False).save_pretrained(out)
     weights = hf_state_dict(model, config.tie_word_embeddings, getattr(torch, dtype))
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; this is for sharing
     ctx.progress(1, 3, "parts")
 
-    hf_tokenizer(tok_art.path, spec["max_seq_len"]).save_pretrained(out)
+    tok_hf = hf_tokenizer(tok_art.path, spec["max_seq_len"])
+    template = ckpt.meta.get("chat_template")  # a post-trained (sft/dpo) checkpoint's
+    if isinstance(template, str) and template:
+        tok_hf.chat_template = template  # -> tokenizer_config.json: apply_chat_template
+    tok_hf.save_pretrained(out)
     info = getattr(tokenizer, "info", {})
     if info.get("format", "sentencepiece") == "sentencepiece":
         if info.get("model_type", "bpe") != "bpe":

@@ -2,6 +2,7 @@
 values, and both stages end to end with real Composer on a tiny model and a tiny tokenizer."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -338,3 +339,22 @@ def test_dpo_reward_accuracy_rises_above_chance(tmp_path, sft_run, tok_art):
                     {"checkpoint": sft_out, "tokenizer": tok_art, "documents": prefs},
                     max_skip_fraction=0.2)
     assert math.isfinite(ipo.manifest["metrics"]["train_loss"])
+
+
+def test_export_of_a_chat_model_carries_its_template(tmp_path, sft_run, tok_art):
+    """The SFT checkpoint's template reaches the export's tokenizer_config.json, and
+    transformers' apply_chat_template + tokenizer give the ids the training rendered."""
+    from transformers import AutoTokenizer
+
+    from recipe_engine_plugins.export import HFExport
+
+    out = run_stage(HFExport(sample_prompts=[]), tmp_path / "export",
+                    inputs={"checkpoint": sft_run[1], "tokenizer": tok_art})
+    hf = AutoTokenizer.from_pretrained(str(out.path))
+    messages = [{"role": "user", "content": "Write a function that adds two numbers."},
+                {"role": "assistant", "content": "def add(a, b):\n    return a + b"}]
+    text = hf.apply_chat_template(messages, tokenize=False)
+    ours, _ = render_chat(load_tokenizer(tok_art.path), messages)
+    assert hf(text)["input_ids"] == ours
+    gen = json.loads((out.path / "generation_config.json").read_text())
+    assert isinstance(gen["eos_token_id"], list) and len(gen["eos_token_id"]) == 2
