@@ -77,6 +77,23 @@ class ToyConcat(Stage, name="toy_concat", inputs={"streams": ["documents"]}, out
 
 
 @dataclass(kw_only=True)
+class ToyTokenCount(Stage, name="toy_token_count", inputs={"shards": ["shards"]},
+                    output="eval_report"):
+    """Reads every stream of a mixture through the public readers only."""
+
+    def run(self, ctx: StageContext) -> None:
+        from recipe_engine.artifacts import iter_token_sequences, read_shards_info
+
+        for i, art in enumerate(ctx.input_lists["shards"]):
+            info = read_shards_info(art.path)
+            seqs = list(iter_token_sequences(art.path, "train"))
+            ctx.metrics[f"stream{i}/sequences"] = len(seqs)
+            ctx.metrics[f"stream{i}/tokens"] = sum(len(s) for s in seqs)
+            ctx.metrics[f"stream{i}/train_samples"] = info["splits"]["train"]["num_samples"]
+        (ctx.output / "report.json").write_text(json.dumps(ctx.metrics))
+
+
+@dataclass(kw_only=True)
 class ToyNeedsTokenizer(Stage,
                         name="toy_needs_tokenizer",
                         inputs={"tokenizer": "tokenizer"},
@@ -88,7 +105,7 @@ class ToyNeedsTokenizer(Stage,
 @hookimpl
 def recipe_components():
     return [ToyNumbers, ToyMarker, ToyUpper, ToyReport, ToyNeedsTokenizer, ToyScratch,
-            ToyConcat]
+            ToyConcat, ToyTokenCount]
 
 
 @hookimpl

@@ -217,7 +217,7 @@ def test_make_plugin_manager_registers_exactly_the_given_plugins():
 
     pm = make_plugin_manager(toy_plugin)
     assert pm.registry.names("stage") == ["toy_concat", "toy_needs_tokenizer", "toy_numbers", "toy_report",
-                                          "toy_scratch", "toy_upper"]
+                                          "toy_scratch", "toy_token_count", "toy_upper"]
     assert pm.packages == {"toy_plugin": "toy_plugin"}
 
 

@@ -93,3 +93,15 @@ def test_a_mixture_has_its_own_data_fingerprint(two_streams):
     one = mixed_data_fingerprint([a], None)
     assert mixed_data_fingerprint([a, b], [0.5, 0.5]) not in (one, mixed_data_fingerprint([a, b], [0.9, 0.1]))
     assert mixed_data_fingerprint([a, b], [0.5, 0.5]) != mixed_data_fingerprint([b, a], [0.5, 0.5])
+
+
+def test_a_plugin_outside_plugins_reads_mixed_shards(tmp_path, two_streams):
+    """The toy plugin (tests/toy_plugin.py, not a built-in) takes the mixture's streams in a
+    list slot and reads them through recipe_engine.artifacts only."""
+    import toy_plugin
+
+    art = run_stage(toy_plugin.ToyTokenCount(), tmp_path / "count",
+                    inputs={"shards": list(two_streams)})
+    m = art.manifest["metrics"]
+    assert m["stream0/sequences"] == m["stream1/sequences"] == N_TRAIN
+    assert m["stream0/tokens"] == N_TRAIN * 32 and m["stream1/train_samples"] == N_TRAIN
