@@ -11,13 +11,13 @@ The public API for plugin authors is what this module exports, plus the modules
 from .component import (REQUIRED, Artifact, Component, Executor, Problems, Stage, StageContext,
                         check_declaration, instantiate)
 from .errors import Problem, RecipeError, RecipeWarning, StageError, did_you_mean, warn
-from .kinds import DocumentFilter, ModelConfig
+from .kinds import DocumentFilter, Evaluator, ModelConfig
 from .plugins import PluginManager, hookimpl
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = [
-    "REQUIRED", "Artifact", "Component", "DocumentFilter", "Executor", "ModelConfig", "Problem",
+    "REQUIRED", "Artifact", "Component", "DocumentFilter", "Evaluator", "Executor", "ModelConfig", "Problem",
     "PluginManager", "Problems", "RecipeError", "RecipeWarning", "Stage", "StageContext", "StageError",
     "Tokenizer", "check_declaration", "did_you_mean", "hookimpl", "instantiate", "warn", "__version__",
 ]

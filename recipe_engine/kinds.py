@@ -54,3 +54,15 @@ class ModelConfig(Component, kind="model"):
     def flops_per_token(self, vocab_size: int, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward)."""
         raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class Evaluator(Component, kind="evaluator"):
+    """A benchmark scored on a model held in memory, e.g. every N batches during training
+    (``composer_train``'s ``in_loop_eval``), so its curve is in the training logs."""
+
+    def evaluate(self, module: Any, model_spec: dict[str, Any], tokenizer: Any) -> dict[str, float]:
+        """Score ``module`` (the architecture's ``torch.nn.Module``, in eval mode; its
+        ``model.json``-style ``model_spec``: name, params, vocab_size, max_seq_len) with the
+        runtime ``tokenizer``; return flat metrics such as ``{"python_basics/acc": 0.69}``."""
+        raise NotImplementedError

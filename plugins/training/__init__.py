@@ -20,9 +20,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from recipe_engine import Component, ModelConfig, Problems, Stage, StageContext, StageError, hookimpl
+from recipe_engine import (Component, Evaluator, ModelConfig, Problems, Stage, StageContext, StageError,
+                           hookimpl)
 
 from . import mixing
+from .loggers import MetricsLogger
 
 # Composer time strings (composer.core.Time.from_timestring), checked here without Composer
 _TIME = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(ep|ba|sp|tok|dur)\s*$", re.I)
@@ -269,6 +271,9 @@ class ComposerTrain(Stage,
     spike_threshold: float = 0.0  # skip a batch whose loss is this many std above the mean; 0: off
     spike_warmup: int = 20  # batches that only feed the loss statistics
     max_skipped_batches: int = 0  # fail past this many skipped batches; 0: no limit
+    loggers: list[MetricsLogger] = field(default_factory=list)  # also log to these
+    in_loop_eval: list[Evaluator] = field(default_factory=list)  # benchmarks scored in training
+    in_loop_eval_interval: int = 0  # batches between in-loop evaluations; 0: at the end only
 
     def check(self, problems: Problems) -> None:
         if bool(self.max_duration.strip()) == (self.tokens_per_param > 0):
@@ -298,6 +303,7 @@ class ComposerTrain(Stage,
                          "num_checkpoints_to_keep", "must be >= 1, or -1 to keep all (resume "
                          f"needs at least the last checkpoint), got {self.num_checkpoints_to_keep}")
         for key in ("eval_batches", "num_workers", "grad_clip_norm", "peak_tflops",
+                    "in_loop_eval_interval",
                     "num_canonical_nodes", "spike_threshold", "spike_warmup",
                     "max_skipped_batches"):
             problems.require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
@@ -389,5 +395,7 @@ from .posttrain import COMPONENTS as POSTTRAIN_COMPONENTS  # noqa: E402  (needs 
 def recipe_components():
     from .optim import COMPONENTS as OPTIM_COMPONENTS  # imports this module's bases
 
+    from .loggers import COMPONENTS as LOGGER_COMPONENTS
+
     return [AdamW, CosineWarmup, SingleDevice, DDP, FSDP, ComposerTrain, *POSTTRAIN_COMPONENTS,
-            *OPTIM_COMPONENTS]
+            *OPTIM_COMPONENTS, *LOGGER_COMPONENTS]
