@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from recipe_engine import StageContext, StageError
-from recipe_engine.artifacts import PART_GLOB, part_name
+from recipe_engine.artifacts import PART_GLOB, list_parts, part_name
 from recipe_engine.fsutil import atomic_write_json, atomic_write_text
 
 ATTEMPT = ".attempt"  # ctx.work/.attempt: the token of the attempt that owns the scratch
@@ -201,6 +201,41 @@ def place_parts(work: Path, files: Sequence[str], directory: Path) -> list[str]:
             shutil.copy2(work / rel, dst)
         names.append(dst.name)
     return names
+
+
+def run_part_stage(ctx: StageContext, fn: Callable[[Any], dict[str, Any]],
+                   options: dict[str, Any], *material: Any, label: str) -> dict[str, int]:
+    """The body of a stage that maps each part of its ``documents`` input through the worker
+    ``fn`` (one task per part, keyed by the part, its stamp, ``material`` and ``options``):
+    runs the tasks, moves the non-empty parts into the output, merges the workers' counts,
+    and records the documents and bytes in and out (counts, meta, metrics). ``fn`` returns
+    ``files``, ``counts``, ``documents_in``, ``documents_out``, ``bytes`` and optionally
+    ``bytes_in``. Returns the totals."""
+    parts = list_parts(ctx.inputs["documents"].path)
+    tasks = []
+    for i, part in enumerate(parts):
+        key = task_key(i, file_stamp(part), *material, options)
+        tasks.append((key, {"part": str(part), "work": str(ctx.work), "key": key,
+                            "options": options}))
+    results = run_tasks(ctx, fn, tasks, label)
+    clear_parts(ctx.output)
+    place_parts(ctx.work, [r["files"][0] for r in results if r["documents_out"]], ctx.output)
+    ctx.count("dropped.no_text", 0)
+    for r in results:
+        merge_counts(ctx, r["counts"])
+    totals = {key: sum(r.get(key, 0) for r in results)
+              for key in ("documents_in", "documents_out", "bytes", "bytes_in")}
+    docs_in, docs_out = totals["documents_in"], totals["documents_out"]
+    ctx.count("documents_in", docs_in)
+    ctx.count("documents_out", docs_out)
+    ctx.check_skips(docs_in)
+    ctx.meta.update({"num_documents": docs_out, "num_bytes": totals["bytes"]})
+    ctx.metrics.update({"documents_in": docs_in, "documents_out": docs_out,
+                        "kept_fraction": round(docs_out / docs_in, 4) if docs_in else 0.0})
+    if any("bytes_in" in r for r in results):
+        ctx.metrics["bytes_kept_fraction"] = \
+            round(totals["bytes"] / totals["bytes_in"], 4) if totals["bytes_in"] else 0.0
+    return totals
 
 
 def merge_counts(ctx: StageContext, counts: dict[str, int]) -> None:

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from recipe_engine import Stage, StageContext, StageError
-from recipe_engine.artifacts import list_parts, read_documents, write_documents
+from recipe_engine.artifacts import read_documents, write_documents
 
-from ._parts import clear_parts, file_stamp, merge_counts, place_parts, run_tasks, task_key
+from ._parts import run_part_stage
 
 Extractor = Literal["trafilatura", "plain"]
 EXTRACTORS = ("trafilatura", "plain")
@@ -50,29 +50,8 @@ class HtmlExtract(Stage,
     favor_precision: bool = True  # trafilatura: drop borderline text (FineWeb's setting)
 
     def run(self, ctx: StageContext) -> None:
-        parts = list_parts(ctx.inputs["documents"].path)
-        options = extract_options(self)
-        tasks = []
-        for i, part in enumerate(parts):
-            key = task_key(i, file_stamp(part), options)
-            tasks.append((key, {"part": str(part), "work": str(ctx.work), "key": key,
-                                "options": options}))
-        results = run_tasks(ctx, extract_part, tasks, "extract")
-        clear_parts(ctx.output)
-        place_parts(ctx.work, [r["files"][0] for r in results if r["documents_out"]],
-                    ctx.output)
-        ctx.count("dropped.no_text", 0)
-        for r in results:
-            merge_counts(ctx, r["counts"])
-        docs_in = sum(r["documents_in"] for r in results)
-        docs_out = sum(r["documents_out"] for r in results)
-        num_bytes = sum(r["bytes"] for r in results)
-        ctx.count("documents_in", docs_in)
-        ctx.count("documents_out", docs_out)
-        ctx.check_skips(docs_in)
-        ctx.meta.update({"num_documents": docs_out, "num_bytes": num_bytes})
-        ctx.metrics.update({"documents_in": docs_in, "documents_out": docs_out,
-                            "kept_fraction": round(docs_out / docs_in, 4) if docs_in else 0.0})
+        totals = run_part_stage(ctx, extract_part, extract_options(self), label="extract")
+        docs_in, docs_out = totals["documents_in"], totals["documents_out"]
         if docs_in and not docs_out:
             raise StageError(f"html_extract: the {self.extractor} extractor found no text in "
                              f"any of the {docs_in} documents ({dict(ctx.counts)}); are they "

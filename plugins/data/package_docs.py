@@ -53,9 +53,9 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, NamedTuple
 
 from recipe_engine import Problems, Stage, StageContext, StageError
-from recipe_engine.artifacts import list_parts, read_documents, write_documents
+from recipe_engine.artifacts import read_documents, write_documents
 
-from ._parts import clear_parts, file_stamp, merge_counts, place_parts, run_tasks, task_key
+from ._parts import clear_parts, merge_counts, place_parts, run_part_stage, run_tasks, task_key
 from .extract import EXTRACTORS, extract_text
 
 FORMATS = ("markdown", "rst", "html", "plain")
@@ -419,34 +419,11 @@ class MarkupExtract(Stage,
 
     def run(self, ctx: StageContext) -> None:
         _markdown_parser(), _docutils()  # fail before any work when a parser is missing
-        parts = list_parts(ctx.inputs["documents"].path)
         options = {"format_key": self.format_key, "default_format": self.default_format,
                    "keep_code_blocks": self.keep_code_blocks, "keep_tables": self.keep_tables,
                    "html_extractor": self.html_extractor}
-        tasks = []
-        for i, part in enumerate(parts):
-            key = task_key(i, file_stamp(part), self.version, options)
-            tasks.append((key, {"part": str(part), "work": str(ctx.work), "key": key,
-                                "options": options}))
-        results = run_tasks(ctx, markup_part, tasks, "markup")
-        clear_parts(ctx.output)
-        place_parts(ctx.work, [r["files"][0] for r in results if r["documents_out"]],
-                    ctx.output)
-        ctx.count("dropped.no_text", 0)
-        for r in results:
-            merge_counts(ctx, r["counts"])
-        docs_in = sum(r["documents_in"] for r in results)
-        docs_out = sum(r["documents_out"] for r in results)
-        bytes_in = sum(r["bytes_in"] for r in results)
-        num_bytes = sum(r["bytes"] for r in results)
-        ctx.count("documents_in", docs_in)
-        ctx.count("documents_out", docs_out)
-        ctx.check_skips(docs_in)
-        ctx.meta.update({"num_documents": docs_out, "num_bytes": num_bytes})
-        ctx.metrics.update({"documents_in": docs_in, "documents_out": docs_out,
-                            "kept_fraction": round(docs_out / docs_in, 4) if docs_in else 0.0,
-                            "bytes_kept_fraction":
-                                round(num_bytes / bytes_in, 4) if bytes_in else 0.0})
+        totals = run_part_stage(ctx, markup_part, options, self.version, label="markup")
+        docs_in, docs_out = totals["documents_in"], totals["documents_out"]
         if docs_in and not docs_out:
             raise StageError(f"markup_extract: no text left in any of the {docs_in} documents "
                              f"({dict(ctx.counts)})")
