@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,10 +380,14 @@ class Decontaminate(Stage,
             raise StageError(
                 f"no evaluation n-grams: every item of {', '.join(index.tasks)} has fewer "
                 f"than min_words={self.min_words} words; lower min_words or drop the stage")
-        payload = pickle.dumps((index.tasks, index.ngrams, sorted(index.lengths, reverse=True),
-                                index.firsts), protocol=pickle.HIGHEST_PROTOCOL)
+        # JSON, not a pickle: the file outlives the attempt, and reading it runs no code
+        payload = json.dumps({
+            "tasks": list(index.tasks), "lengths": sorted(index.lengths, reverse=True),
+            "firsts": sorted(index.firsts),
+            "ngrams": sorted([h.hex(), m] for h, m in index.ngrams.items())},
+            separators=(",", ":")).encode()
         index_digest = hashlib.sha256(payload).hexdigest()[:16]
-        index_file = ctx.work / "decontaminate" / f"index-{index_digest}.pkl"
+        index_file = ctx.work / "decontaminate" / f"index-{index_digest}.json"
         if not index_file.is_file():
             index_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(index_file, payload)
@@ -442,7 +445,9 @@ def _load_index(path: str) -> tuple[list[str], dict[bytes, int], list[int], set[
     if path not in _LOADED:
         _LOADED.clear()
         with open(path, "rb") as f:
-            _LOADED[path] = pickle.load(f)  # noqa: S301 - written by this stage's process
+            data = json.load(f)
+        _LOADED[path] = (data["tasks"], {bytes.fromhex(h): m for h, m in data["ngrams"]},
+                         data["lengths"], set(data["firsts"]))
     return _LOADED[path]
 
 
