@@ -66,12 +66,11 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from recipe_engine import DocumentFilter, Problems, Stage, StageContext, StageError
-from recipe_engine.artifacts import list_parts, read_documents, write_documents
+from recipe_engine.artifacts import chat_kind, chat_record_problem, list_parts, read_documents, write_documents
 
 from ._parts import clear_parts, file_stamp, merge_counts, place_parts, run_tasks, task_key
 
 SEPARATOR = "\n\n"  # between the contents in ``text``
-ROLES = ("system", "user", "assistant")
 
 # module names never read: tests, the IDE, demos, modules that act when imported
 DEFAULT_EXCLUDE = ["test", "test.*", "*.test", "*.test.*", "*.tests", "*.tests.*",
@@ -89,14 +88,6 @@ TEMPLATES = [
 
 
 # -- the record schema ---------------------------------------------------------------------------
-
-
-def chat_kind(doc: dict[str, Any]) -> str | None:
-    """``"conversation"`` (has ``messages``), ``"preference"`` (has ``prompt``), ``"both"``,
-    or None for a plain document."""
-    conv, pref = "messages" in doc, "prompt" in doc
-    return "both" if conv and pref else "conversation" if conv else \
-        "preference" if pref else None
 
 
 def chat_segments(doc: dict[str, Any]) -> list[Any]:
@@ -131,55 +122,14 @@ def with_segments(doc: dict[str, Any], segments: list[str]) -> dict[str, Any]:
     return out
 
 
-def _message_problem(messages: Any) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "missing_messages"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) \
-                or not isinstance(m.get("role"), str):
-            return "bad_message"
-        if m["role"] not in ROLES:
-            return "bad_role"
-        if m["role"] == "system" and i:
-            return "system_not_first"
-        if not m["content"].strip():
-            return "empty_content"
-    if not any(m["role"] == "user" for m in messages):
-        return "no_user_turn"
-    return None
-
-
 def schema_problem(doc: dict[str, Any], expect: str = "any",
                    check_text: bool = True) -> str | None:
     """Why a record is no valid chat record of type ``expect`` (any, conversation,
     preference), or
     None. The reasons, in the order they are checked, are ``chat_schema``'s."""
-    found = chat_kind(doc)
-    if found is None:
-        return "missing_messages"
-    if found == "both":
-        return "ambiguous_kind"
-    if expect != "any" and found != expect:
-        return "wrong_kind"
-    if found == "conversation":
-        why = _message_problem(doc["messages"])
-        if why:
-            return why
-        if doc["messages"][-1]["role"] != "assistant":
-            return "last_not_assistant"
-    else:
-        why = _message_problem(doc["prompt"])
-        if why:
-            return why
-        if doc["prompt"][-1]["role"] != "user":
-            return "prompt_not_ending_with_user"
-        chosen, rejected = doc.get("chosen"), doc.get("rejected")
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            return "missing_response"
-        if not chosen.strip() or not rejected.strip():
-            return "empty_content"
-        if chosen == rejected:
-            return "chosen_equals_rejected"
+    why = chat_record_problem(doc, expect)
+    if why:
+        return why
     if check_text and doc.get("text") != chat_text(doc):
         return "text_mismatch"
     return None

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 from recipe_engine import Problems, Stage, StageContext, StageError
+from recipe_engine.artifacts import chat_record_problem
 
 from . import AdamW, CosineWarmup, Optimizer, Parallelism, Scheduler, SingleDevice, _check_time
 
@@ -47,7 +48,6 @@ ROLE_SEP = "\n"  # between the role and the content
 TURN_SEP = "\n"  # after CHAT_END
 CHAT_TOKENS = (CHAT_START, CHAT_END)
 CHAT_FORMAT = "chatml"
-ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(ep|ba|sp)\s*$", re.I)
 
@@ -121,51 +121,14 @@ def chat_meta(tokenizer: Any) -> dict[str, Any]:
 # -- the records -------------------------------------------------------------------------------
 
 
-def _messages_problem(messages: Any) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return "missing_messages"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content"), str):
-            return "bad_message"
-        if m["role"] not in ROLES:
-            return "bad_role"
-        if m["role"] == "system" and i:
-            return "system_not_first"
-        if not m["content"].strip():
-            return "empty_content"
-    return None
-
-
 def conversation_problem(doc: dict[str, Any]) -> str | None:
     """Why a record is no conversation ``sft`` can train on (None when it is one)."""
-    why = _messages_problem(doc.get("messages"))
-    if why:
-        return why
-    if not any(m["role"] == "user" for m in doc["messages"]):
-        return "no_user_turn"
-    if doc["messages"][-1]["role"] != "assistant":
-        return "last_not_assistant"
-    return None
+    return chat_record_problem(doc, "conversation")
 
 
 def preference_problem(doc: dict[str, Any]) -> str | None:
     """Why a record is no preference triple ``dpo`` can train on (None when it is one)."""
-    if "prompt" not in doc:
-        return "missing_prompt"
-    why = _messages_problem(doc["prompt"])
-    if why:
-        return why
-    if doc["prompt"][-1]["role"] != "user":
-        return "prompt_not_ending_with_user"
-    chosen, rejected = doc.get("chosen"), doc.get("rejected")
-    if not isinstance(chosen, str) or not isinstance(rejected, str):
-        return "missing_response"
-    if not chosen.strip() or not rejected.strip():
-        return "empty_content"
-    if chosen == rejected:
-        return "chosen_equals_rejected"
-    return None
+    return chat_record_problem(doc, "preference")
 
 
 # -- examples, packing -------------------------------------------------------------------------

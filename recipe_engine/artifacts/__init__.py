@@ -102,8 +102,9 @@ from __future__ import annotations
 from ..tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from .checkpoint import (EXPORT_NATIVE_DIR, MODEL_SPEC_FILE, WEIGHTS_FILE,
                          checkpoint_weights_path, read_model_spec, write_model_spec)
-from .documents import (HELDOUT, PART_GLOB, SPLIT_FIELD, is_heldout, iter_documents,
-                        list_parts, part_name, read_documents, write_documents)
+from .documents import (CHAT_ROLES, HELDOUT, PART_GLOB, SPLIT_FIELD, chat_kind,
+                        chat_record_problem, is_heldout, iter_documents, list_parts, part_name,
+                        read_documents, write_documents)
 from .reports import MANIFEST_FILE, read_eval_report, read_manifest
 from .shards import (BOUNDARIES_BOS, data_digest, document_starts, iter_mds_samples,
                      iter_token_sequences, read_shards_info)
@@ -125,4 +126,6 @@ __all__ = [
     "read_model_spec", "read_shards_info", "write_documents", "write_model_spec",
     # shards: document boundaries and the data digest
     "BOUNDARIES_BOS", "data_digest", "document_starts",
+    # documents: the chat records of post-training
+    "CHAT_ROLES", "chat_kind", "chat_record_problem",
 ]
