@@ -87,7 +87,7 @@ def test_plan_shows_share_and_epochs_per_stream(two_streams):
 
 
 def test_a_mixture_has_its_own_data_fingerprint(two_streams):
-    from recipe_engine_plugins.training.trainer import mixed_data_fingerprint
+    from recipe_engine_plugins.training.data import mixed_data_fingerprint
 
     a, b = two_streams
     one = mixed_data_fingerprint([a], None)

@@ -2,7 +2,7 @@
 
 With ``RECIPE_TRACE_SAMPLES=PATH`` the trainer appends one JSON line per device batch to
 ``PATH``: the batch's index in the run, its epoch, the process's rank and the indices in the
-train split of the sequences it trains on (plugins/training/trainer.py, ``SampleTrace``).
+train split of the sequences it trains on (plugins/training/callbacks.py, ``SampleTrace``).
 An uninterrupted run's trace is the reference. A run is killed with SIGKILL after its first
 checkpoint; copies of what it left are resumed, in one process and in two (gloo DDP on the
 CPU), and the batches the killed run had checkpointed followed by the resumed run's batches
@@ -111,14 +111,14 @@ from recipe_engine import Artifact
 from recipe_engine.component import instantiate
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
-from recipe_engine_plugins.training import ComposerTrain, trainer
+from recipe_engine_plugins.training import ComposerTrain, callbacks
 
 spec = json.loads(sys.argv[1])
-step = trainer.StageProgress.batch_end
+step = callbacks.StageLog.batch_end
 def slow_batch_end(self, state, logger):  # leave the test time to kill us mid-run
     step(self, state, logger)
     time.sleep(0.1)
-trainer.StageProgress.batch_end = slow_batch_end
+callbacks.StageLog.batch_end = slow_batch_end
 shards = Artifact(kind="shards", path=Path(spec["shards"]), manifest=spec["manifest"])
 stage = instantiate(ComposerTrain, spec["params"], PluginManager().registry.build)
 run_stage(stage, Path(spec["root"]), {"shards": shards})
@@ -186,7 +186,7 @@ def test_killed_run_resumes_mid_epoch_at_the_next_sample(tmp_path, shards, full,
     import torch
     from safetensors.torch import load_file
 
-    from recipe_engine_plugins.training.trainer import data_fingerprint
+    from recipe_engine_plugins.training.data import data_fingerprint
 
     reference = full["batches"]
     assert sorted(reference) == list(range(BATCHES))
@@ -235,7 +235,7 @@ def test_run_started_on_one_process_resumes_on_two_in_the_same_order(tmp_path, s
 
 
 def test_data_fingerprint_follows_the_content_not_the_path(tmp_path, shards):
-    from recipe_engine_plugins.training.trainer import data_fingerprint
+    from recipe_engine_plugins.training.data import data_fingerprint
 
     fp = data_fingerprint(shards.path, {})
     copy = tmp_path / "copy"
@@ -257,7 +257,7 @@ def test_data_fingerprint_follows_the_content_not_the_path(tmp_path, shards):
 
 
 def test_resuming_on_other_shards_fails_naming_both_fingerprints(tmp_path, shards):
-    from recipe_engine_plugins.training.trainer import data_fingerprint
+    from recipe_engine_plugins.training.data import data_fingerprint
 
     params = {"max_duration": "4ba", "save_interval": "2ba", "eval_batches": 1}
     root = tmp_path / "run"

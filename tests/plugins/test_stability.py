@@ -12,7 +12,7 @@ import pytest
 
 from recipe_engine import StageError
 from recipe_engine.testing import run_stage
-from recipe_engine_plugins.training import trainer
+from recipe_engine_plugins.training import objectives
 
 from test_resume import make_shards, stage
 
@@ -26,7 +26,7 @@ def shards(tmp_path_factory):
 
 def inject(monkeypatch, at: set[int], how: str) -> None:
     """Make the training loss of the listed batches (1-based) NaN, or 100 times larger."""
-    real = trainer.CausalLM.loss
+    real = objectives.CausalLM.loss
     calls = {"n": 0}
 
     def loss(self, outputs, batch, *args, **kwargs):
@@ -37,7 +37,7 @@ def inject(monkeypatch, at: set[int], how: str) -> None:
                 return value * float("nan") if how == "nan" else value * 100.0
         return value
 
-    monkeypatch.setattr(trainer.CausalLM, "loss", loss)
+    monkeypatch.setattr(objectives.CausalLM, "loss", loss)
 
 
 def weights(art) -> str:

@@ -218,7 +218,7 @@ def test_train_loss_goes_down_and_checkpoint_loads(tmp_path, zstd_shards):
     num_params = reg.build("model", MODEL).num_params(VOCAB)
     assert meta == {"vocab_size": VOCAB, "seq_len": SEQ_LEN, "bos_id": 1, "eos_id": 2, "pad_id": 0,
                     "num_params": num_params, "tokens_trained": 30 * 16 * SEQ_LEN, "steps": 30,
-                    "resumed_from_step": 0}
+                    "resumed_from_step": 0, "world_size": 1, "num_nodes": 1}
     assert {"train_loss", "val_loss", "tokens_per_second", "seconds", "flops_per_token",
             "model_flops"} <= set(metrics)
     assert "mfu" not in metrics  # CPU
@@ -249,14 +249,14 @@ from recipe_engine import Artifact
 from recipe_engine.component import instantiate
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
-from recipe_engine_plugins.training import ComposerTrain, trainer
+from recipe_engine_plugins.training import ComposerTrain, callbacks
 
 spec = json.loads(sys.argv[1])
-step = trainer.StageProgress.batch_end
+step = callbacks.StageLog.batch_end
 def slow_batch_end(self, state, logger):  # leave the test time to kill us mid-run
     step(self, state, logger)
     time.sleep(0.1)
-trainer.StageProgress.batch_end = slow_batch_end
+callbacks.StageLog.batch_end = slow_batch_end
 shards = Artifact(kind="shards", path=Path(spec["shards"]), manifest=spec["manifest"])
 stage = instantiate(ComposerTrain, spec["params"], PluginManager().registry.build)
 run_stage(stage, Path(spec["root"]), {"shards": shards})
@@ -329,7 +329,7 @@ def test_repair_checkpoints_before_autoresume(tmp_path):
     Only zip integrity is checked: nothing is unpickled."""
     import zipfile
 
-    from recipe_engine_plugins.training.trainer import checkpoint_damage, repair_checkpoints
+    from recipe_engine_plugins.training.checkpoints import checkpoint_damage, repair_checkpoints
 
     def checkpoint(name: str) -> Path:
         with zipfile.ZipFile(tmp_path / name, "w") as z:  # torch.save's format: a zip

@@ -34,17 +34,17 @@ def test_document_masking_needs_bos_boundaries(tmp_path, shards):
 
 
 def test_moe_trains_with_its_balancing_loss(tmp_path, shards, monkeypatch):
-    from recipe_engine_plugins.training import trainer
+    from recipe_engine_plugins.training import objectives
 
     seen = []
-    real = trainer.CausalLM.loss
+    real = objectives.CausalLM.loss
 
     def loss(self, outputs, batch, *args, **kwargs):
         value = real(self, outputs, batch, *args, **kwargs)
         seen.append(float(getattr(self.model, "aux_loss", 0.0) or 0.0))
         return value
 
-    monkeypatch.setattr(trainer.CausalLM, "loss", loss)
+    monkeypatch.setattr(objectives.CausalLM, "loss", loss)
     moe = {**MODEL, "name": "llama_moe", "num_experts": 4, "top_k": 2}
     art = run_stage(stage(model=moe, max_duration="3ba"), tmp_path / "moe", inputs={"shards": shards})
     assert math.isfinite(art.manifest["metrics"]["train_loss"])
