@@ -2,8 +2,10 @@
 
 * ``optimizer``: ``adamw``.
 * ``scheduler``: ``cosine_warmup``.
-* ``parallelism``: ``single`` (CPU or one GPU), ``ddp``, ``fsdp``. Each says how many processes
-  per node it needs and which Composer ``Trainer`` arguments configure it.
+* ``parallelism`` (``parallel.py``): ``single`` (CPU or one GPU), ``ddp``, ``fsdp``. Each says
+  how many processes per node it needs, which Composer ``Trainer`` arguments configure it and
+  how it spreads the training state (``sharding()``, read by the memory planner,
+  ``planner.py``).
 * stage ``composer_train`` (``shards`` -> ``checkpoint``): Composer's trainer over the
   mosaicml-streaming shards, checkpointing into the stage's work directory so that a killed
   run resumes from its last checkpoint and data position.
@@ -20,11 +22,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from recipe_engine import (Component, Evaluator, ModelConfig, Problems, Stage, StageContext, StageError,
-                           hookimpl)
+from recipe_engine import (Component, Evaluator, ModelConfig, Problem, Problems, RecipeError, Stage,
+                           StageContext, StageError, hookimpl)
 
-from . import mixing
+from . import mixing, planner
 from .loggers import MetricsLogger
+# the parallelism components live in parallel.py; re-exported for ``from ...training import FSDP``
+from .parallel import COMPONENTS as PARALLEL_COMPONENTS
+from .parallel import DDP, FSDP, Parallelism, SingleDevice
 
 # Composer time strings (composer.core.Time.from_timestring), checked here without Composer
 _TIME = re.compile(r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*(ep|ba|sp|tok|dur)\s*$", re.I)
@@ -58,6 +63,11 @@ class Optimizer(Component, kind="optimizer"):
     def build(self, named_parameters: Iterable[tuple[str, Any]], no_decay: Iterable[str] = ()) -> Any:
         raise NotImplementedError
 
+    def state_bytes_per_param(self) -> int:
+        """Bytes of optimizer state per parameter, for the memory planner (Adam-like: two
+        fp32 moments, 8; override for others)."""
+        return 8
+
 
 @dataclass(kw_only=True)
 class AdamW(Optimizer,
@@ -74,6 +84,8 @@ class AdamW(Optimizer,
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
+    fused: Literal["auto", True, False] = "auto"  # one fused kernel per step; auto: on a GPU machine
+    foreach: bool | None = None  # torch's multi-tensor path; None: torch's default
 
     def check(self, problems: Problems) -> None:
         problems.require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -81,10 +93,33 @@ class AdamW(Optimizer,
                          "betas", f"must be two numbers in [0, 1), got {self.betas}")
         problems.require(self.weight_decay >= 0, "weight_decay",
                          f"must be >= 0, got {self.weight_decay}")
+        if self.fused != "auto" and self.fused and self.foreach:
+            problems.add("foreach", "torch takes fused or foreach, not both: set one of them")
+
+    def kernel_kwargs(self) -> dict[str, Any]:
+        """``fused`` / ``foreach`` for torch's AdamW. ``auto``: fused when torch sees a GPU and
+        has a fused AdamW for it (a CPU-only machine keeps torch's default path, so CPU runs
+        train bit for bit as before); an explicit ``foreach`` wins over ``auto``."""
+        import torch
+
+        fused: Any = self.fused
+        if fused == "auto":
+            from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+            fused = (self.foreach is None and torch.cuda.is_available()
+                     and "cuda" in _get_fused_kernels_supported_devices())
+        out: dict[str, Any] = {"foreach": self.foreach}
+        if fused:
+            out["fused"] = True
+        return out
 
     def param_groups(self, named_parameters: Iterable[tuple[str, Any]],
                      no_decay: Iterable[str] = ()) -> list[dict[str, Any]]:
-        """Two groups: decayed (matrices) and not decayed (1-D, embeddings, ``no_decay``)."""
+        """Two groups: decayed (matrices) and not decayed (1-D, embeddings, ``no_decay``);
+        one group, undecayed, when ``weight_decay`` is 0 (what tensor parallelism needs)."""
+        if not self.weight_decay:
+            return [{"params": [p for _, p in named_parameters if p.requires_grad],
+                     "weight_decay": 0.0}]
         skip = set(no_decay)
         decay, rest = [], []
         for name, p in named_parameters:
@@ -105,7 +140,8 @@ class AdamW(Optimizer,
         import torch
 
         return torch.optim.AdamW(self.param_groups(named_parameters, no_decay), lr=self.lr,
-                                 betas=(float(self.betas[0]), float(self.betas[1])), eps=self.eps)
+                                 betas=(float(self.betas[0]), float(self.betas[1])), eps=self.eps,
+                                 **self.kernel_kwargs())
 
 
 # -- scheduler ------------------------------------------------------------------------------
@@ -139,79 +175,6 @@ class CosineWarmup(Scheduler,
         return CosineAnnealingWithWarmupScheduler(t_warmup=self.warmup.strip(), alpha_f=self.alpha_f)
 
 
-# -- parallelism ----------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class Parallelism(Component, kind="parallelism"):
-    """How the model is spread over devices. The stage launches ``num_processes_per_node()``
-    processes (one per device) with Composer's launcher when that is more than one."""
-
-    def num_processes_per_node(self) -> int:
-        return 1
-
-    def trainer_kwargs(self) -> dict[str, Any]:
-        """Extra ``composer.Trainer`` arguments (``parallelism_config``...)."""
-        return {}
-
-    def prepare(self, module: Any) -> None:
-        """Mark the plain ``nn.Module`` for wrapping before the trainer sees it."""
-
-
-@dataclass(kw_only=True)
-class SingleDevice(Parallelism,
-                   name="single",
-                   description="no wrapping: the CPU or one GPU, one process"):
-    """No wrapping: the model on the CPU or one GPU, in one process."""
-
-
-@dataclass(kw_only=True)
-class DDP(Parallelism, name="ddp", description="DistributedDataParallel, one process per device"):
-    """Data parallel: every process holds the whole model; Composer wraps it in
-    ``DistributedDataParallel`` when the world has more than one process."""
-
-    num_processes: int = 1  # per node; multi-node: WORLD_SIZE/NODE_RANK/MASTER_ADDR as usual
-
-    def check(self, problems: Problems) -> None:
-        problems.require(self.num_processes >= 1, "num_processes",
-                         f"must be >= 1, got {self.num_processes}")
-
-    def num_processes_per_node(self) -> int:
-        return self.num_processes
-
-
-@dataclass(kw_only=True)
-class FSDP(DDP, name="fsdp", description="FSDP, one unit per transformer block"):
-    """Fully sharded data parallel (Composer's FSDP config). Every element of the model's
-    ``nn.ModuleList``s — the transformer blocks — is its own FSDP unit (and, with
-    ``activation_checkpointing``, is recomputed in backward)."""
-
-    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD",
-                               "_HYBRID_SHARD_ZERO2"] = "FULL_SHARD"
-    mixed_precision: Literal["PURE", "FULL", "DEFAULT"] = "PURE"
-    activation_checkpointing: bool = False
-    state_dict_type: Literal["sharded", "full"] = "sharded"
-
-    def trainer_kwargs(self) -> dict[str, Any]:
-        return {"parallelism_config": {"fsdp": {
-            "sharding_strategy": self.sharding_strategy,
-            "mixed_precision": self.mixed_precision,
-            "activation_checkpointing": self.activation_checkpointing,
-            "state_dict_type": self.state_dict_type,
-            "use_orig_params": True,
-        }}}
-
-    def prepare(self, module: Any) -> None:
-        from torch import nn
-
-        blocks = {id(m) for lst in module.modules() if isinstance(lst, nn.ModuleList) for m in lst}
-        if not blocks:
-            raise StageError(f"fsdp: {type(module).__name__} has no nn.ModuleList of blocks to wrap")
-        # Composer's hooks (composer.distributed.dist_strategy): called for every submodule
-        module.fsdp_wrap_fn = lambda m: id(m) in blocks
-        module.activation_checkpointing_fn = lambda m: id(m) in blocks
-
-
 # -- the stage ------------------------------------------------------------------------------
 
 
@@ -221,7 +184,8 @@ class ComposerTrain(Stage,
                     version="1",
                     description="pretrain a model on MDS shards with Composer (resumable)",
                     inputs={"shards": ["shards"]},
-                    output="checkpoint"):
+                    output="checkpoint",
+                    distributed=True):
     """Pretrain a model on ``shards`` with Composer's trainer; output a ``checkpoint``
     artifact (``model.safetensors`` + ``model.json``, fp32).
 
@@ -254,7 +218,7 @@ class ComposerTrain(Stage,
     device_microbatch_size: int = 0  # sequences per forward/backward; 0 = the whole device batch
     max_duration: str = ""
     tokens_per_param: float = 0.0
-    precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
+    precision: Literal["fp32", "amp_bf16", "amp_fp16", "amp_fp8"] = "fp32"
     device: Literal["auto", "cpu", "gpu"] = "auto"
     grad_clip_norm: float = 1.0  # 0: no clipping
     save_interval: str = "200ba"
@@ -267,6 +231,7 @@ class ComposerTrain(Stage,
     log_interval: int = 10  # batches between log lines
     compile: bool = False  # torch.compile the model
     peak_tflops: float = 0.0  # per-device peak for MFU (e.g. 989 for H100 bf16 dense); 0 = no MFU
+    device_memory_gb: float = 0.0  # GiB per device the plan must fit (80: H100); 0: not checked
     skip_nonfinite: bool = True  # skip the optimizer step of a batch with a NaN/Inf loss or grad
     spike_threshold: float = 0.0  # skip a batch whose loss is this many std above the mean; 0: off
     spike_warmup: int = 20  # batches that only feed the loss statistics
@@ -312,6 +277,25 @@ class ComposerTrain(Stage,
         if self.device == "cpu" and self.precision != "fp32":
             problems.add("precision", f"{self.precision} needs a GPU (Composer trains on CPU in "
                          "fp32 only); set precision: fp32 for device: cpu")
+        problems.require(self.device_memory_gb >= 0, "device_memory_gb",
+                         f"must be >= 0 (0: not checked), got {self.device_memory_gb}")
+        self.parallelism.check_with(self.model, self.optimizer, problems)
+        if self.device_memory_gb > 0 and not problems:
+            # the vocabulary and sequence length come from upstream stages: here, a lower
+            # bound (no embeddings, no activations); describe_plan checks the whole plan
+            try:
+                mem = self.memory_plan(0, 0)
+            except Exception:  # a third-party model that cannot count without a vocabulary
+                mem = None
+            if mem is not None and mem.total > self.device_memory_gb * planner.GIB:
+                problems.add("device_memory_gb", self._too_big(mem, "at least ", " before "
+                             "embeddings and activations are counted"))
+
+    def fingerprint_extra(self) -> str | None:
+        """The in-loop evaluators' own material (task files...): their curves are part of
+        the stage's output."""
+        extras = [e.fingerprint_extra() for e in self.in_loop_eval]
+        return "\n".join(x or "" for x in extras) if any(extras) else None
 
     def total_batches(self, num_params: int, seq_len: int, batches_per_epoch: int) -> int:
         """The run's length in optimizer steps (``max_duration`` or ``tokens_per_param``);
@@ -327,10 +311,83 @@ class ComposerTrain(Stage,
             return max(1, math.ceil(value * batches_per_epoch))
         return max(1, math.ceil(value / per_unit[unit]))
 
+    # -- memory ---------------------------------------------------------------------------
+
+    def microbatch(self) -> int:
+        """Sequences per forward/backward on one device, as planned."""
+        world = max(1, self.parallelism.world_size())
+        tp = max(1, self.parallelism.sharding().tensor_parallel)
+        per_device = max(1, self.global_batch_size // max(1, world // tp))
+        return min(self.device_microbatch_size or per_device, per_device)
+
+    def memory_plan(self, vocab_size: int, seq_len: int) -> planner.MemoryPlan:
+        """Memory per device under this stage's parallelism, precision and optimizer
+        (``planner.memory_per_device``); 0 for an unknown vocabulary or length."""
+        return planner.memory_per_device(
+            model=self.model, vocab_size=vocab_size, seq_len=seq_len,
+            microbatch=self.microbatch(), precision=self.precision,
+            state_bytes_per_param=self.optimizer.state_bytes_per_param(),
+            sharding=self.parallelism.sharding())
+
+    def _too_big(self, mem: planner.MemoryPlan, qualifier: str = "", suffix: str = "") -> str:
+        hint = planner.hints(self.parallelism.sharding(), self.microbatch(),
+                             self.parallelism.shards_state())
+        return (f"the plan needs {qualifier}{mem.describe()}{suffix}, more than "
+                f"device_memory_gb={self.device_memory_gb:g} (parallelism "
+                f"{self.parallelism.name!r} over {self.parallelism.world_size()} device(s), "
+                f"{self.precision}, {self.optimizer.name}); try {hint}")
+
+    def check_memory(self, inputs_meta: dict[str, Any]) -> None:
+        """Raise ``StageError`` when the plan exceeds ``device_memory_gb`` (a no-op when it is
+        0 or the inputs do not say their vocabulary and length). For the start of ``run``,
+        before any process is launched."""
+        given = inputs_meta.get("shards") or [{}]
+        meta = (given if isinstance(given, list) else [given])[0]
+        vocab, seq_len = int(meta.get("vocab_size") or 0), int(meta.get("seq_len") or 0)
+        if self.device_memory_gb <= 0 or not vocab or not seq_len:
+            return
+        mem = self.memory_plan(vocab, seq_len)
+        if mem.total > self.device_memory_gb * planner.GIB:
+            raise StageError(f"device_memory_gb: {self._too_big(mem)}")
+
+    def check_precision(self) -> None:
+        """Raise ``StageError`` unless this machine can train in ``precision`` (``amp_fp8``:
+        a CUDA GPU of compute capability 8.9 or newer and Transformer Engine), instead of an
+        error from inside Composer. Imports torch."""
+        if self.precision != "amp_fp8":
+            return
+        import importlib.util
+
+        import torch
+
+        if self.device == "cpu" or not torch.cuda.is_available():
+            raise StageError("precision: amp_fp8 needs a CUDA GPU (compute capability >= 8.9, "
+                             "e.g. H100) and torch sees none; use amp_bf16, or fp32 on the CPU")
+        capability = torch.cuda.get_device_capability()
+        if capability < (8, 9):
+            raise StageError(f"precision: amp_fp8 needs compute capability >= 8.9 (H100, L40S, "
+                             f"RTX 4090); this GPU has {capability[0]}.{capability[1]}: use amp_bf16")
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise StageError("precision: amp_fp8 is Composer's Transformer Engine fp8 autocast "
+                             "and transformer_engine is not installed (pip install "
+                             "transformer-engine[pytorch]); or use amp_bf16")
+
+    def preflight(self, ctx: StageContext) -> None:
+        """What ``run`` checks before launching anything: the precision on this machine and
+        the memory plan against ``device_memory_gb`` with the inputs' real sizes."""
+        self.check_precision()
+        nodes, declared = int(getattr(ctx, "num_nodes", 1) or 1), getattr(self.parallelism, "num_nodes", 1)
+        if nodes != declared and self.device_memory_gb > 0:
+            ctx.log(f"the run has {nodes} node(s) and parallelism.num_nodes says {declared}: the "
+                    f"memory plan checked here assumes {declared}")
+        arts = ctx.input_lists.get("shards") or [ctx.inputs["shards"]]
+        self.check_memory({"shards": [a.meta for a in arts]})
+
     def describe_plan(self, inputs_meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Size, budget and cost before any GPU is booked: parameters, tokens, steps, FLOPs,
-        the Chinchilla ratio, optimizer-state memory per device and device-hours at an
-        assumed utilisation (a planning figure, not a measurement)."""
+        the Chinchilla ratio, memory per device (weights, gradients, optimizer state,
+        activations: ``planner.py``) and device-hours at an assumed utilisation (a planning
+        figure, not a measurement). A plan over ``device_memory_gb`` raises ``RecipeError``."""
         given = inputs_meta.get("shards") or [{}]
         streams = given if isinstance(given, list) else [given]
         shards = dict(streams[0])
@@ -348,9 +405,7 @@ class ComposerTrain(Stage,
         tokens = steps * self.global_batch_size * seq_len
         flops = model.flops_per_token(vocab, seq_len) * tokens
         devices = parallelism.num_processes_per_node()
-        sharded = parallelism.name == "fsdp"
-        # fp32 weights + grads + two Adam moments = 16 bytes per parameter
-        state_gb = 16 * n_params / (devices if sharded else 1) / 2**30
+        mem = self.memory_plan(int(vocab), int(seq_len))
         out: dict[str, Any] = {
             "params": n_params,
             "params_non_embedding": model.num_params(vocab, embeddings=False),
@@ -362,8 +417,15 @@ class ComposerTrain(Stage,
                           ("under-trained for its size" if tokens / n_params < 15 else "over-trained for its size"),
             "train_flops": f"{flops:.3e}",
             "devices_per_node": devices,
-            "optimizer_state_gb_per_device": round(state_gb, 1),
+            "devices": parallelism.world_size(),
+            "microbatch": self.microbatch(),
+            "memory_gb_per_device": mem.as_dict(),
         }
+        if self.device_memory_gb > 0:
+            out["device_memory_gb"] = self.device_memory_gb
+            out["memory_headroom_gb"] = round(self.device_memory_gb - mem.total / planner.GIB, 1)
+            if mem.total > self.device_memory_gb * planner.GIB:
+                raise RecipeError(Problem(key="device_memory_gb", message=self._too_big(mem)))
         if len(streams) > 1 or self.proportions:
             out["streams"] = mixing.plan_streams(streams, self.proportions,
                                                  steps * self.global_batch_size)
@@ -375,10 +437,11 @@ class ComposerTrain(Stage,
         return out
 
     def run(self, ctx: StageContext) -> None:
-        import os
-
+        """One process here, or this node's share of ``ctx.num_nodes`` x the parallelism's
+        processes per node, launched (``worker.py``)."""
+        self.preflight(ctx)
         nproc = self.parallelism.num_processes_per_node()
-        if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if nproc > 1 or ctx.num_nodes > 1:
             from .worker import launch
 
             launch(self, ctx, nproc)
@@ -386,6 +449,13 @@ class ComposerTrain(Stage,
             from .trainer import train
 
             train(self, ctx)
+            ctx.meta.update(world_size=1, num_nodes=1)
+
+    def run_follower(self, ctx: StageContext) -> None:
+        """On a node other than node 0: launch this node's processes into node 0's run."""
+        from .worker import launch
+
+        launch(self, ctx, self.parallelism.num_processes_per_node())
 
 
 from .posttrain import COMPONENTS as POSTTRAIN_COMPONENTS  # noqa: E402  (needs the bases above)
@@ -397,5 +467,5 @@ def recipe_components():
 
     from .loggers import COMPONENTS as LOGGER_COMPONENTS
 
-    return [AdamW, CosineWarmup, SingleDevice, DDP, FSDP, ComposerTrain, *POSTTRAIN_COMPONENTS,
+    return [AdamW, CosineWarmup, *PARALLEL_COMPONENTS, ComposerTrain, *POSTTRAIN_COMPONENTS,
             *OPTIM_COMPONENTS, *LOGGER_COMPONENTS]

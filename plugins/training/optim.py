@@ -38,18 +38,32 @@ def _check_betas(problems: Problems, betas: list[float]) -> None:
 
 
 @dataclass(kw_only=True)
-class DecoupledAdamWOpt(AdamW,
+class DecoupledAdamWOpt(Optimizer,
                         name="decoupled_adamw",
                         description="Composer's DecoupledAdamW (decay scaled by the schedule)"):
     """Composer's ``DecoupledAdamW``: the decay follows the schedule's multiplier (not the
-    learning rate), so ``weight_decay`` is a per-step fraction at the peak (e.g. 1e-5)."""
+    learning rate), so ``weight_decay`` is a per-step fraction at the peak (e.g. 1e-5).
+    A per-parameter Python loop: no fused or foreach kernel."""
 
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
     weight_decay: float = 1e-5
+
+    def check(self, problems: Problems) -> None:
+        problems.require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check_betas(problems, self.betas)
+        problems.require(self.weight_decay >= 0, "weight_decay",
+                         f"must be >= 0, got {self.weight_decay}")
+
+    def state_bytes_per_param(self) -> int:
+        return 8  # exp_avg and exp_avg_sq, fp32
 
     def build(self, named_parameters: Iterable[tuple[str, Any]], no_decay: Iterable[str] = ()) -> Any:
         from composer.optim import DecoupledAdamW
 
-        return DecoupledAdamW(self.param_groups(named_parameters, no_decay), lr=self.lr,
+        groups = AdamW(weight_decay=self.weight_decay).param_groups(named_parameters, no_decay)
+        return DecoupledAdamW(groups, lr=self.lr,
                               betas=(float(self.betas[0]), float(self.betas[1])), eps=self.eps)
 
 
@@ -101,6 +115,9 @@ class LionOpt(Optimizer, name="lion", description="Lion: sign of interpolated mo
         _check_betas(problems, self.betas)
         problems.require(self.weight_decay >= 0, "weight_decay",
                          f"must be >= 0, got {self.weight_decay}")
+
+    def state_bytes_per_param(self) -> int:
+        return 4  # exp_avg, fp32
 
     def build(self, named_parameters: Iterable[tuple[str, Any]], no_decay: Iterable[str] = ()) -> Any:
         groups = AdamW(weight_decay=self.weight_decay).param_groups(named_parameters, no_decay)

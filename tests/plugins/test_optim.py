@@ -72,3 +72,58 @@ def test_each_trains_a_tiny_model(tmp_path, optimizer, scheduler):
     loss = art.manifest["metrics"]["train_loss"]
     assert math.isfinite(loss) and loss < math.log(64) + 0.5  # vocabulary 64: below chance+
     assert (art.path / "model.safetensors").is_file()
+
+
+# -- AdamW's kernels and the state the planner counts -------------------------------------------
+
+def _train_steps(optimizer, steps: int = 5) -> list[torch.Tensor]:
+    from recipe_engine_plugins.models import Llama
+
+    torch.manual_seed(0)
+    model = Llama(dim=32, n_layers=2, n_heads=4, multiple_of=32).build(64, 16)
+    opt = optimizer.build(model.named_parameters(), no_decay=["tok_embeddings.weight"])
+    data = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model(data[:, :-1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 64), data[:, 1:].reshape(-1)).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_fused_and_unfused_adamw_agree_on_cpu():
+    from recipe_engine_plugins.training import AdamW
+
+    fused = AdamW(lr=1e-2, fused=True)
+    assert fused.build(torch.nn.Linear(2, 2).named_parameters()).defaults["fused"] is True
+    plain = _train_steps(AdamW(lr=1e-2, fused=False, foreach=False))
+    for other in (fused, AdamW(lr=1e-2, fused=False, foreach=True)):
+        got = _train_steps(other)
+        moved = max((a - b).abs().max().item() for a, b in zip(got, plain))
+        assert moved < 1e-5, f"{other.fused=} {other.foreach=}: weights differ by {moved}"
+    start = _train_steps(AdamW(lr=1e-2, fused=False), steps=0)
+    assert max((a - b).abs().max().item() for a, b in zip(plain, start)) > 1e-3  # it trained
+
+
+def test_adamw_kernel_options():
+    from recipe_engine_plugins.training import AdamW
+
+    with pytest.raises(RecipeError, match="foreach"):
+        AdamW(fused=True, foreach=True)
+    auto = AdamW().kernel_kwargs()
+    assert auto.get("fused", False) == torch.cuda.is_available()  # auto: fused on a GPU machine
+    assert AdamW(fused="auto", foreach=True).kernel_kwargs() == {"foreach": True}
+
+
+def test_state_bytes_and_groups():
+    from recipe_engine_plugins.training import AdamW
+    from recipe_engine_plugins.training.optim import DecoupledAdamWOpt
+
+    assert (AdamW().state_bytes_per_param(), DecoupledAdamWOpt().state_bytes_per_param(),
+            LionOpt().state_bytes_per_param()) == (8, 8, 4)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 4))
+    assert len(AdamW(weight_decay=0.1).param_groups(model.named_parameters())) == 2
+    (one,) = AdamW(weight_decay=0.0).param_groups(model.named_parameters())  # what TP needs
+    assert len(one["params"]) == 5 and one["weight_decay"] == 0.0
+    with pytest.raises(RecipeError, match="betas"):
+        DecoupledAdamWOpt(betas=[0.9])
