@@ -1,5 +1,6 @@
 """``recipe``: run, plan and validate recipes; show a run's data funnel; report a run (or a
-sweep) as HTML; list plugins; verify, list and clean the store.
+sweep) as HTML; write a Slurm batch script for a multi-node run; list plugins; verify, list
+and clean the store.
 
 Start-up stays light: nothing here imports an ML framework, and Hydra is imported only by
 the commands that read a recipe.
@@ -44,6 +45,24 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--until", metavar="STAGE", help="run only STAGE and the stages it depends on")
     r.add_argument("--store", metavar="DIR", help="store root (default: $RECIPE_STORE or ./recipe_store)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+    sb = sub.add_parser("sbatch", help="write a Slurm batch script that runs a recipe on "
+                        "several nodes, one `recipe run` per node through srun (node 0 runs "
+                        "the data stages; every node starts its processes for training)")
+    recipe_args(sb)
+    sb.add_argument("--nodes", type=_positive_int, required=True, metavar="N",
+                    help="nodes of the job (NNODES)")
+    sb.add_argument("--gpus-per-node", type=_count, default=0, metavar="G",
+                    help="GPUs to ask for on each node (default 0: none asked for)")
+    sb.add_argument("--partition", metavar="P", help="Slurm partition")
+    sb.add_argument("--time", metavar="T", help="time limit, as Slurm takes it (e.g. 2-00:00:00)")
+    sb.add_argument("--account", metavar="A", help="Slurm account to charge")
+    sb.add_argument("--job-name", metavar="NAME", help="job name (default: the recipe's name)")
+    sb.add_argument("--store", metavar="DIR", help="store root, on a file system every node "
+                    "mounts (default: $RECIPE_STORE or ./recipe_store)")
+    sb.add_argument("-o", "--out", metavar="FILE", help="the script to write (default: "
+                    "<store>/slurm/<recipe>-<time>.sbatch)")
+    sb.add_argument("--dry-run", action="store_true", help="print the script; write nothing")
 
     v = sub.add_parser("validate", help="check a recipe without running anything; exit 1 if invalid")
     recipe_args(v)
@@ -108,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
                     "jobs of one multirun are one run)")
     store_args(gc)
     return p
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number, not {text!r}")
+    return int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -320,10 +345,11 @@ def _write_run_report(args: argparse.Namespace, pm: Any, store: Any, result: dic
 def cmd_run(args: argparse.Namespace) -> int:
     from . import config
     from .progress import Progress
-    from .runner import StageFailed, format_error, run
+    from .runner import Nodes, StageFailed, format_error, run
     from .store import Store
     from .validate import validate
 
+    nodes = Nodes.from_env()  # NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
     pm = _plugin_manager()
     store = Store(args.store)
     force, fresh = set(args.force), set(args.fresh)
@@ -337,7 +363,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress = Progress(len(recipe.stages), enabled=not args.quiet)
         with _log_to(progress):
             return run(recipe, pm, store, force=force, until=args.until, progress=progress,
-                       fresh=fresh, invocation=invocation)
+                       fresh=fresh, invocation=invocation, nodes=nodes)
 
     out = contextlib.nullcontext(sys.stdout) if not args.json else _stdout_to_stderr()
     with out as real_stdout:
@@ -357,13 +383,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {format_error(e)}", file=sys.stderr)
             if args.json:
                 print(json.dumps({**e.summary, "error": str(e)}), file=real_stdout, flush=True)
-            _write_run_report(args, pm, store, e.summary, recipes)
+            if nodes.rank == 0:  # a follower's run is node 0's; so is its report
+                _write_run_report(args, pm, store, e.summary, recipes)
             return EXIT_FAILED
         if args.json:
             print(json.dumps(result, default=str), file=real_stdout, flush=True)
         else:
             _print_summary(result)
-        _write_run_report(args, pm, store, result, recipes)
+        if nodes.rank == 0:
+            _write_run_report(args, pm, store, result, recipes)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -379,6 +407,83 @@ def _print_summary(result: dict[str, Any]) -> None:
             print(f"  {st['name']:<14} {st['status']:<6} {st['seconds']:>8.1f}s  {metrics}")
         if "error" in s:
             print(f"  error: {s['error']}")
+
+
+# -- Slurm ----------------------------------------------------------------------------------
+
+
+def sbatch_script(recipe: str, overrides: list[str], *, nodes: int, gpus_per_node: int,
+                  store: Path, job_name: str, partition: str | None = None,
+                  time_limit: str | None = None, account: str | None = None,
+                  workdir: Path | None = None, python: str | None = None) -> str:
+    """A Slurm batch script that runs ``recipe run RECIPE OVERRIDES`` once per node (srun,
+    one task per node) with NNODES, NODE_RANK (SLURM_NODEID), MASTER_ADDR (the job's first
+    host) and MASTER_PORT (from the job id) set, on one store."""
+    import shlex
+
+    q = shlex.quote
+    command = [python or sys.executable, "-m", "recipe_engine.cli", "run",
+               str(Path(recipe).resolve()), *overrides]
+    sbatch = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1", "--exclusive"]
+    if gpus_per_node:
+        sbatch.append(f"--gpus-per-node={gpus_per_node}")
+    for flag, value in (("partition", partition), ("time", time_limit), ("account", account)):
+        if value:
+            sbatch.append(f"--{flag}={value}")
+    lines = [
+        "#!/bin/bash",
+        f"# {job_name}: `recipe run` of {Path(recipe).name} on {nodes} node(s), one `recipe run` "
+        "per node (written by `recipe sbatch`).",
+        "# Node 0 runs the data stages and commits every stage; each node starts its own "
+        "processes for the",
+        "# distributed (training) stages. The store must be on a file system every node "
+        "mounts at the same path.",
+        "# Submit with: sbatch THIS_FILE",
+        *(f"#SBATCH {o}" for o in sbatch),
+        "set -euo pipefail",
+        f"cd {q(str(workdir or Path.cwd()))}",
+        f"export RECIPE_STORE={q(str(store))}",
+        'export NNODES="$SLURM_JOB_NUM_NODES"',
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        'export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"',
+        "# one task per node; NODE_RANK is each node's index in the job",
+        'srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" '
+        "--kill-on-bad-exit=1 \\",
+        "  bash -c 'export NODE_RANK=\"$SLURM_NODEID\"; exec \"$@\"' recipe-node \\",
+        "  " + " ".join(q(c) for c in command),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    from .store import Store
+
+    import re
+
+    for flag in ("partition", "time", "account", "job_name"):
+        value = getattr(args, flag)
+        if value is not None and not re.fullmatch(r"[\w.:,@+=/-]+", value):
+            print(f"error: --{flag.replace('_', '-')} {value!r}: letters, digits and . : , @ + "
+                  "= / - _ only (it goes into an #SBATCH line as it is)", file=sys.stderr)
+            return EXIT_USAGE
+    pm = _plugin_manager()
+    recipe = _load(args, pm)  # a recipe that cannot run fails here, not in the queue
+    store = Store(args.store)
+    script = sbatch_script(args.recipe, list(args.overrides), nodes=args.nodes,
+                           gpus_per_node=args.gpus_per_node, store=store.root,
+                           job_name=args.job_name or recipe.name, partition=args.partition,
+                           time_limit=args.time, account=args.account)
+    if args.dry_run:
+        print(script, end="")
+        return EXIT_OK
+    out = Path(args.out) if args.out else (
+        store.root / "slurm" / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(script)
+    out.chmod(0o755)
+    print(f"wrote {out}; submit it with: sbatch {out}")
+    return EXIT_OK
 
 
 # -- the store: verify, ls, gc ------------------------------------------------------------
@@ -559,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan,
                 "plugins": cmd_plugins, "verify": cmd_verify, "ls": cmd_ls,
-                "gc": cmd_gc, "show": cmd_show, "report": cmd_report}[args.command](args)
+                "gc": cmd_gc, "show": cmd_show, "report": cmd_report,
+                "sbatch": cmd_sbatch}[args.command](args)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

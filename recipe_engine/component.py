@@ -16,7 +16,8 @@ registered name; a class without one is abstract and cannot be registered), ``ve
 (default: the docstring's first line), ``tracks_package_version`` (default true: the
 fingerprint also records the installed version of the component's package, so upgrading the
 package reruns its stages; false for components whose output the package version cannot
-change) and, on stages, ``inputs`` (slot -> artifact kind) and ``output`` (artifact kind).
+change) and, on stages, ``inputs`` (slot -> artifact kind), ``output`` (artifact kind) and
+``distributed`` (default false: see below).
 An input slot declared with a one-element list (``inputs={"shards": ["shards"]}``) takes
 one or more upstream stages (``inputs: {shards: [code, docs]}`` in a recipe), in order.
 ``check_declaration`` states the rules; the registry applies it to every class a plugin
@@ -25,7 +26,10 @@ registers.
 Two families:
 
 * ``Stage`` components are what a recipe's ``stages:`` name. They declare typed input slots
-  and one output artifact kind, and implement ``run(ctx)``.
+  and one output artifact kind, and implement ``run(ctx)``. In a multi-node job (one
+  ``recipe run`` per node, ``NNODES`` > 1) node 0 runs every stage and commits it; a stage
+  declared ``distributed=True`` also runs on every other node, through
+  ``run_follower(ctx)`` (this node's share: its local processes; no output, no commit).
 * Everything else (document filters, model architectures, optimizers, executors, ...) is a
   sub-component. A parameter annotated with a component base class (``model: ModelConfig``,
   ``filters: list[DocumentFilter]``, ``scheduler: Scheduler | None``) holds sub-components: a
@@ -55,7 +59,7 @@ from .errors import Problem, RecipeError, StageError
 
 REQUIRED = object()  # marker for a parameter without default
 # class keywords that declare metadata; none may be a field or a plain class attribute
-METADATA = ("kind", "name", "version", "description", "inputs", "output")
+METADATA = ("kind", "name", "version", "description", "inputs", "output", "distributed")
 
 C = TypeVar("C", bound="Component")
 
@@ -192,6 +196,9 @@ def check_declaration(cls: type) -> list[str]:
                         "fields are its parameters")
     if issubclass(cls, Stage) and not cls.output:
         problems.append("is a stage without an output artifact kind (output=...)")
+    if issubclass(cls, Stage) and cls.distributed and cls.run_follower is Stage.run_follower:
+        problems.append("is declared distributed=True but does not implement run_follower(ctx) "
+                        "(what it does on nodes other than node 0)")
     if issubclass(cls, Stage):
         for slot, kind in cls.inputs.items():
             if not (isinstance(kind, str) and kind) and not (
@@ -266,13 +273,17 @@ class StageContext:
     * ``meta``: facts for downstream stages (``vocab_size``, ``seq_len``); documented per
       artifact kind in docs/artifacts.md.
     * ``counts``: records in / out and skips per reason (a ``Counter``).
+    * ``num_nodes``, ``node_rank``: the nodes this stage runs on, and this one's rank among
+      them. 1 and 0 except for a ``distributed`` stage in a multi-node job, which runs on
+      every node: ``run`` on node 0, ``run_follower`` on the others.
     """
 
     def __init__(self, *, stage: str, fingerprint: str, inputs: dict[str, Artifact],
                  output: Path, work: Path, executor: Executor,
                  build: Callable[[Any, Any], Component],
                  progress: ProgressFn | None = None, max_skip_fraction: float = 0.05,
-                 input_lists: dict[str, list[Artifact]] | None = None):
+                 input_lists: dict[str, list[Artifact]] | None = None,
+                 num_nodes: int = 1, node_rank: int = 0):
         self.stage = stage
         self.fingerprint = fingerprint
         self.inputs = inputs
@@ -282,6 +293,7 @@ class StageContext:
         self.work = Path(work)
         self.executor = executor
         self.max_skip_fraction = max_skip_fraction
+        self.num_nodes, self.node_rank = num_nodes, node_rank
         self.metrics: dict[str, Any] = {}
         self.meta: dict[str, Any] = {}
         self.counts: Counter[str] = Counter()
@@ -326,10 +338,15 @@ class Stage(Component, kind="stage"):
     # slot -> artifact kind; ``[kind]``: one or more upstream stages of that kind, in order
     inputs: ClassVar[dict[str, str | list[str]]] = {}
     output: ClassVar[str] = ""
+    # runs on every node of a multi-node job (``run`` on node 0, ``run_follower`` elsewhere)
+    distributed: ClassVar[bool] = False
 
     def __init_subclass__(cls, *, inputs: dict[str, str | list[str]] | None = None,
-                          output: str | None = None, **kwargs: Any) -> None:
+                          output: str | None = None, distributed: bool | None = None,
+                          **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if distributed is not None:
+            cls.distributed = bool(distributed)
         if inputs is not None:
             cls.inputs = {slot: list(kind) if isinstance(kind, (list, tuple)) else kind
                           for slot, kind in inputs.items()}
@@ -338,6 +355,13 @@ class Stage(Component, kind="stage"):
 
     def run(self, ctx: StageContext) -> None:
         raise NotImplementedError
+
+    def run_follower(self, ctx: StageContext) -> None:
+        """A ``distributed`` stage's share on a node other than node 0 (``ctx.node_rank`` >
+        0): start this node's processes against the same ``ctx.work``, which every node
+        sees, and return when they end. Write nothing to ``ctx.output``: node 0 commits.
+        The runner calls it once node 0 has started the stage (its inputs are committed)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a distributed stage")
 
     def fingerprint_extra(self) -> str | None:
         """Extra material for the fingerprint that params don't capture (a source's file

@@ -14,6 +14,7 @@ Layout under the store root (``--store``, else ``$RECIPE_STORE``, else ``./recip
     live/<host>-<pid>-<n>.json        a run in progress: every fingerprint it may use; replaced
                                       by its run summary when it ends
     trash/                            directories on their way out (replaced artifacts, gc)
+    nodes/<recipe>-<job>.json         a multi-node job's node-0 record (see below)
 
 **Committed.** The output directory is renamed into place in one ``rename``, after its data
 files, directories and manifest were written and synced, so a crash or power loss never leaves
@@ -52,6 +53,17 @@ marker). ``trash/`` is emptied. A run writes its marker before its first lookup,
 holds the lock shared, and gc, holding the lock, re-reads the markers, summaries and indexes
 written since it read the roots: a run never loses an artifact it found. gc removes nothing
 while an index, summary or marker is unreadable.
+
+**Nodes.** In a multi-node job (one ``recipe run`` per node, ``NNODES`` > 1) node 0 runs
+and commits every stage; the other nodes (followers) wait for its commits and join the
+``distributed`` stages. Node 0 keeps ``nodes/<recipe>-<job>.json`` (``<job>``: a digest of
+the recipe name, ``NNODES``, ``MASTER_ADDR`` and ``MASTER_PORT``, which every node of the job
+shares): its run's fingerprints, ``state`` (running, finished, failed), each stage's status
+as it goes (running, ran, cached, failed), the failed stage and its error, and ``beat``, a
+counter rewritten every few seconds while it runs. Followers only read it: a record counts
+as node 0's current one once they have seen it change (a stale record of an earlier job
+never does), and its silence for ``RECIPE_NODE_TIMEOUT`` seconds means node 0 is gone. The
+records are small and are not collected by ``gc``.
 
 Not covered: ``--force`` of a stage while another run reads that same artifact (the old
 directory goes to ``trash/`` under the reader).
@@ -339,6 +351,12 @@ class Store:
 
     # -- writing a stage ------------------------------------------------------------------------
 
+    def work_paths(self, fp: str) -> tuple[Path, Path]:
+        """``(out, scratch)`` of ``fp``'s work directory, as :meth:`begin` makes them; nothing
+        is created or removed (a follower node reads the scratch node 0 began)."""
+        base = self.root / "work" / fp
+        return base / "out", base / "scratch"
+
     def begin(self, fp: str, stamp: dict[str, Any] | None = None, fresh: bool = False,
               name: str | None = None) -> tuple[Path, Path]:
         """Fresh output dir and the (possibly resumed) scratch dir for a stage attempt.
@@ -456,6 +474,28 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 live.unlink()
         return p
+
+    def end_run(self, live: Path) -> None:
+        """End a run that leaves no summary (a follower node's): remove its live marker."""
+        with contextlib.suppress(FileNotFoundError):
+            live.unlink()
+
+    # -- multi-node jobs: node 0's record ---------------------------------------------------
+
+    def node_record_path(self, recipe: str, job: str) -> Path:
+        return self.root / "nodes" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', recipe)}-{job}.json"
+
+    def write_node_record(self, path: Path, record: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(path, record)
+
+    def read_node_record(self, path: Path) -> dict[str, Any] | None:
+        """The record, or None when it is absent or unreadable (being replaced)."""
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return obj if isinstance(obj, dict) else None
 
     # -- what the store holds, and garbage collection ------------------------------------------
 

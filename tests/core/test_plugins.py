@@ -397,4 +397,6 @@ def test_cli_surface_is_frozen():
         "show": ["--help", "--json", "--store", "-h"],
         "report": ["--help", "--json", "--metric", "--multirun", "--out", "--store", "-h", "-m"],
         "plugins": ["--help", "--json", "-h"],
+        "sbatch": ["--account", "--dry-run", "--gpus-per-node", "--help", "--job-name", "--nodes",
+                   "--out", "--partition", "--store", "--time", "-h", "-o"],
     }
