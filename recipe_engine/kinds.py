@@ -55,6 +55,26 @@ class ModelConfig(Component, kind="model"):
         """Training FLOPs per token (forward + backward)."""
         raise NotImplementedError
 
+    def to_hf(self, module: Any, vocab_size: int, max_seq_len: int, *, bos_id: int = -1,
+              eos_id: int = -1, pad_id: int = -1, dtype: str = "float32",
+              device: Any = None) -> Any:
+        """``module`` (built by ``build``) as a Hugging Face ``transformers`` model in eval
+        mode, its weights copied (the module may go on training), in ``dtype`` on ``device``
+        (``None``: the module's). The special ids (``-1``: none) go to its config. This is the
+        one conversion: ``hf_export`` saves its result and ``lm_eval`` scores it with
+        lm-eval's ``HFLM``. Raises ``ValueError`` saying why when the transformers class
+        cannot hold this configuration."""
+        raise NotImplementedError(
+            f"the {self.name!r} architecture has no Hugging Face form (its model component "
+            "does not implement to_hf)")
+
+    def from_hf(self, state: dict[str, Any], vocab_size: int, max_seq_len: int) -> Any:
+        """Inverse of ``to_hf``: the module (fp32, eval mode) from the state dict of the
+        transformers model (``model.safetensors`` of an export)."""
+        raise NotImplementedError(
+            f"the {self.name!r} architecture has no Hugging Face form (its model component "
+            "does not implement from_hf)")
+
 
 @dataclass(kw_only=True)
 class Evaluator(Component, kind="evaluator"):
@@ -66,3 +86,8 @@ class Evaluator(Component, kind="evaluator"):
         ``model.json``-style ``model_spec``: name, params, vocab_size, max_seq_len) with the
         runtime ``tokenizer``; return flat metrics such as ``{"python_basics/acc": 0.69}``."""
         raise NotImplementedError
+
+    def fingerprint_extra(self) -> str | None:
+        """What the scores depend on besides the parameters (task files, a library's
+        version); a stage that runs the evaluator folds it into its own fingerprint."""
+        return None

@@ -3,7 +3,14 @@
 * ``heldout_eval``: loss and bits per byte of the trained model on the held-out documents the
   ``mds_shards`` stage set aside, beside zstd's bits per byte on the same documents.
 * ``lm_eval``: lm-evaluation-harness tasks (the shipped ones under ``tasks/`` and lm-eval's
-  own), run through a model class registered with lm-eval as ``recipe_engine``.
+  own), run by lm-eval's own ``HFLM`` on the checkpoint's Hugging Face form (the model
+  component's ``to_hf``, the tokenizer's ``hf_tokenizer``: what ``hf_export`` saves), so it
+  scores what ``lm_eval --model hf`` scores on the export. ``lm_eval_runner.make_lm`` does
+  the same for a module in memory.
+
+``heldout_eval`` scores our own module (``heldout.py``): its strided sliding windows are not
+lm-eval's (disjoint windows), and it works for every architecture, not only those a
+transformers class holds.
 
 torch and lm_eval are imported inside ``run``.
 """
@@ -18,6 +25,20 @@ from typing import Any
 from recipe_engine import Problems, Stage, StageContext, StageError, hookimpl, warn
 
 TASKS_DIR = Path(__file__).parent / "tasks"
+
+
+def tasks_fingerprint() -> str:
+    """A digest of lm-eval's version and the shipped task files (what task scores depend on
+    besides the task spec)."""
+    import hashlib
+    import importlib.metadata
+
+    digest = hashlib.sha256(importlib.metadata.version("lm_eval").encode())
+    for path in sorted(TASKS_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".yaml", ".jsonl", ".json", ".py"):
+            digest.update(str(path.relative_to(TASKS_DIR)).encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(kw_only=True)
@@ -134,13 +155,9 @@ class HeldoutEval(Stage,
 
 
 @dataclass(kw_only=True)
-class LmEval(Stage,
-             name="lm_eval",
-             version="1",
-             description="lm-evaluation-harness tasks (shipped: python_basics)",
-             inputs={"checkpoint": "checkpoint", "tokenizer": "tokenizer"},
-             output="eval_report"):
-    """lm-evaluation-harness tasks on the trained model, offline."""
+class LmEvalTaskSpec:
+    """The lm-eval task spec shared by the ``lm_eval`` stage and the ``lm_eval_tasks``
+    evaluator (in-loop evaluation): the same parameters, defaults and checks."""
 
     tasks: list[str] = field(default_factory=lambda: ["python_basics"])
     num_fewshot: int = 0
@@ -155,17 +172,20 @@ class LmEval(Stage,
             problems.require(getattr(self, key) >= 0, key, f"{getattr(self, key)} must be >= 0")
         problems.require(self.batch_size >= 1, "batch_size", f"{self.batch_size} must be >= 1")
 
+
+@dataclass(kw_only=True)
+class LmEval(LmEvalTaskSpec, Stage,
+             name="lm_eval",
+             version="2",
+             description="lm-evaluation-harness tasks (shipped: python_basics)",
+             inputs={"checkpoint": "checkpoint", "tokenizer": "tokenizer"},
+             output="eval_report"):
+    """lm-evaluation-harness tasks on the trained model, offline (parameters and checks:
+    ``LmEvalTaskSpec``)."""
+
     def fingerprint_extra(self) -> str:
         """The shipped task files and lm-eval's version: editing a task reruns the stage."""
-        import hashlib
-        import importlib.metadata
-
-        digest = hashlib.sha256(importlib.metadata.version("lm_eval").encode())
-        for path in sorted(TASKS_DIR.rglob("*")):
-            if path.is_file() and path.suffix in (".yaml", ".jsonl", ".json", ".py"):
-                digest.update(str(path.relative_to(TASKS_DIR)).encode() + b"\0")
-                digest.update(path.read_bytes())
-        return digest.hexdigest()
+        return tasks_fingerprint()
 
     def run(self, ctx: StageContext) -> None:
         from .lm_eval_runner import run_lm_eval
@@ -193,5 +213,6 @@ def flatten_results(results: dict[str, Any]) -> dict[str, float]:
 @hookimpl
 def recipe_components():
     from .code_exec import CodeExecEval  # stdlib only: sandbox, problems, pass@k
+    from .inloop import LmEvalTasks  # light: lm_eval is imported inside evaluate
 
-    return [HeldoutEval, LmEval, CodeExecEval]
+    return [HeldoutEval, LmEval, CodeExecEval, LmEvalTasks]

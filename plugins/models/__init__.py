@@ -196,6 +196,21 @@ class Llama(ModelConfig,
             out.append("qk_norm: true (LlamaForCausalLM has no query/key norm)")
         return out
 
+    def to_hf(self, module: Any, vocab_size: int, max_seq_len: int, *, bos_id: int = -1,
+              eos_id: int = -1, pad_id: int = -1, dtype: str = "float32",
+              device: Any = None) -> Any:
+        """A ``LlamaForCausalLM`` holding a copy of ``module``'s weights (``hf.py``); a
+        ``ValueError`` with ``hf_unsupported``'s reasons when it cannot hold this model."""
+        from .hf import to_hf
+
+        return to_hf(self, module, vocab_size, max_seq_len, bos_id=bos_id, eos_id=eos_id,
+                     pad_id=pad_id, dtype=dtype, device=device)
+
+    def from_hf(self, state: dict[str, Any], vocab_size: int, max_seq_len: int) -> Any:
+        from .hf import from_hf
+
+        return from_hf(self, state, vocab_size, max_seq_len)
+
     def hf_rope_scaling(self) -> dict[str, Any] | None:
         """``LlamaConfig.rope_scaling`` for this model's RoPE scaling (``None``: none)."""
         if self.position_embedding != "rope" or self.rope_scaling == "none":

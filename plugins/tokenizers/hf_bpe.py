@@ -87,6 +87,28 @@ class HFByteBPETokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(_int_list(ids), skip_special_tokens=True)
 
+    def hf_tokenizer(self, max_length: int | None = None) -> Any:
+        """This tokenizer's own ``tokenizers`` model, with ``<s>`` prepended by a
+        post-processor (as in training: every document started with bos) and bos/eos/pad/unk
+        in the text kept as text (``split_special_tokens``), as ``encode`` does. Declared
+        special tokens are added tokens that are not "special": matched in the text, kept on
+        decode."""
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import processors
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Backend.from_str(self.backend.to_str())  # a copy: ours stays as it is
+        names = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>",
+                 **self.info.get("special_token_names", {})}
+        bos = names["bos"]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, padding_side="right", clean_up_tokenization_spaces=False,
+            split_special_tokens=True,
+            **({"model_max_length": max_length} if max_length else {}),
+            **{f"{k}_token": v for k, v in names.items() if self.info.get(f"{k}_id", -1) >= 0})
+
     def byte_ids(self) -> set[int]:
         """Ids of the single bytes that are not a whole character (0x80-0xFF): the byte-level
         counterpart of SentencePiece's byte-fallback pieces."""

@@ -221,16 +221,23 @@ def test_clamped_stride_warns(tmp_path, checkpoint, shards, tokenizer_artifact):
     assert json.loads((art.path / "report.json").read_text())["settings"]["stride"] == 64
 
 
-def test_ignored_model_args_and_auto_batch_warn(checkpoint, tok):
+def test_recipe_engine_model_is_hflm_on_the_checkpoint(checkpoint, tokenizer_artifact, lm):
+    """``--model recipe_engine`` (a checkpoint, no export) is lm-eval's HFLM, scoring what
+    ``make_lm`` scores; options it has no use for are named in a warning."""
+    from lm_eval.models.huggingface import HFLM
+
     from recipe_engine import RecipeWarning
     from recipe_engine_plugins.evaluation.lm_eval_model import RecipeEngineLM
 
     with pytest.warns(RecipeWarning, match="ignoring model_args \\['dtype'\\]"):
-        RecipeEngineLM(model=_model(checkpoint), tokenizer_obj=tok, device="cpu", dtype="bf16")
-    with pytest.warns(RecipeWarning, match="batch_size=auto is not supported"):
-        lm = RecipeEngineLM(model=_model(checkpoint), tokenizer_obj=tok, device="cpu",
-                            batch_size="auto")
-    assert lm.batch_size == 16
+        cli = RecipeEngineLM(checkpoint=str(checkpoint.path),
+                             tokenizer=str(tokenizer_artifact.path), device="cpu", dtype="bf16",
+                             batch_size="auto")
+    assert isinstance(cli, HFLM) and type(cli.model).__name__ == "LlamaForCausalLM"
+    assert cli.batch_size == "auto" and cli.max_length == 64
+    pairs = [("def add(a, b):\n    return a", " + b"), ("x = ", "1\n")]
+    assert [s for s, _ in cli.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)] \
+        == [s for s, _ in lm.loglikelihood(_requests("loglikelihood", pairs), disable_tqdm=True)]
 
 
 def test_heldout_eval_rejects_other_tokenizer(tmp_path, checkpoint, shards, tokenizer_artifact):
@@ -259,15 +266,20 @@ def test_python_basics_data():
     assert len({i["label"] for i in items}) >= 3  # the answer is not always in one place
 
 
-# -- the lm-eval model class ---------------------------------------------------------------
+# -- lm-eval's HFLM on the model's Hugging Face form ---------------------------------------
 
 
 @pytest.fixture(scope="module")
-def lm(checkpoint, tok):
-    from recipe_engine_plugins.evaluation.lm_eval_model import RecipeEngineLM
+def module(checkpoint):
+    return _model(checkpoint)
 
-    return RecipeEngineLM(model=_model(checkpoint), tokenizer_obj=tok, batch_size=3,
-                          device="cpu")
+
+@pytest.fixture(scope="module")
+def lm(module, checkpoint, tok):
+    from recipe_engine.artifacts import read_model_spec
+    from recipe_engine_plugins.evaluation.lm_eval_runner import make_lm
+
+    return make_lm(module, read_model_spec(checkpoint.path), tok, batch_size=3, device="cpu")
 
 
 def _requests(kind, args):
@@ -283,8 +295,31 @@ def _logprob(model, ids, num_scored):
     return sum(logp[i, ids[i + 1]].item() for i in range(n - num_scored, n))
 
 
-def test_loglikelihood_matches_torch(lm, tok):
-    model = lm.model
+def test_make_lm_is_hflm_on_a_copy(lm, module, checkpoint, tok):
+    from lm_eval.models.huggingface import HFLM
+
+    assert isinstance(lm, HFLM) and type(lm.model).__name__ == "LlamaForCausalLM"
+    assert (lm.max_length, lm.batch_size, lm.eot_token_id, lm.prefix_token_id) == \
+        (64, 3, tok.eos_id, tok.bos_id)
+    # a copy: the module (which may go on training) shares no storage with it
+    ours = {p.data_ptr() for p in module.parameters()}
+    assert not ours & {p.data_ptr() for p in lm.model.parameters()}
+    ids = torch.tensor([[tok.bos_id, *tok.encode("def f(x):\n    return x * 2\n")]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, module(ids), atol=1e-5, rtol=0)
+
+
+def test_make_lm_refuses_a_model_without_hf_form(tmp_path, tok):
+    from recipe_engine import StageError
+    from recipe_engine.artifacts import read_model_spec
+    from recipe_engine_plugins.evaluation.lm_eval_runner import make_lm
+
+    ckpt = _checkpoint(tmp_path, tok.vocab_size, position_embedding="alibi")
+    with pytest.raises(StageError, match="cannot hold this model: position_embedding: alibi"):
+        make_lm(_model(ckpt), read_model_spec(ckpt.path), tok, batch_size=2, device="cpu")
+
+
+def test_loglikelihood_matches_torch(lm, module, tok):
     long_ctx = "".join(f"x{i} = {i}\n" for i in range(40))  # longer than the 64-token window
     pairs = [("def add(a, b):\n    return a", " + b"), ("for i in range(n)", ":"),
              ("", "import os\n"), (long_ctx, "y = x1 + x2\n"), ("print(x", ")\n")]
@@ -294,34 +329,55 @@ def test_loglikelihood_matches_torch(lm, tok):
         context = context.rstrip()  # lm-eval moves trailing whitespace into the continuation
         n_ctx = len(tok.encode(context)) if context else 0
         ids = [tok.bos_id, *whole][-65:]
-        want = _logprob(model, ids, min(len(whole) - n_ctx, len(ids) - 1))
+        want = _logprob(module, ids, min(len(whole) - n_ctx, len(ids) - 1))
         assert score == pytest.approx(want, rel=1e-5, abs=1e-4), (context, continuation)
         assert isinstance(greedy, bool)
     assert len(tok.encode(long_ctx)) > 64
 
 
-def test_loglikelihood_rolling(lm, tok):
+def test_a_continuation_merged_into_the_context_is_healed(lm, module, tok):
+    """HFLM stops on a pair whose continuation has no tokens of its own (BPE merged it into
+    the context's last token); ours scores it from where the two encodings part."""
+    pieces = [tok.decode([i]) for i in range(4, tok.vocab_size)]
+    pairs = [("x = f(" + p[:-1], p[-1]) for p in pieces
+             if len(p) >= 2 and not p[:-1][-1].isspace() and not p[-1].isspace()]
+    merged = [(c, k) for c, k in pairs if len(tok.encode(c + k)) <= len(tok.encode(c))]
+    assert len(merged) >= 2, "no piece of this tokenizer merges across the boundary"
+    before = lm.healed
+    got = lm.loglikelihood(_requests("loglikelihood", merged[:2]), disable_tqdm=True)
+    assert lm.healed == before + len(merged[:2])
+    for (context, continuation), (score, _greedy) in zip(merged, got):
+        whole, ctx = tok.encode(context + continuation), tok.encode(context)
+        split = next(i for i in range(len(whole)) if whole[i] != ctx[i])
+        ids = [tok.bos_id, *whole]
+        assert score == pytest.approx(_logprob(module, ids, len(whole) - split), rel=1e-5)
+        assert score < 0
+
+
+def test_loglikelihood_rolling(lm, module, tok):
+    """HFLM's rolling windows score the tokenizer's output, ``<s>`` included, after a ``<s>``
+    prefix (what ``lm_eval --model hf`` does with any Llama tokenizer)."""
     short = "def f(x):\n    return x\n"
     long = "".join(f"value_{i} = {i} * {i}\n" for i in range(30))
     got = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(short,), (long,)]),
                                    disable_tqdm=True)
-    ids = [tok.bos_id, *tok.encode(short)]
-    assert got[0] == pytest.approx(_logprob(lm.model, ids, len(ids) - 1), rel=1e-5)
-    n_long = len(tok.encode(long))
+    ids = [tok.bos_id, tok.bos_id, *tok.encode(short)]
+    assert got[0] == pytest.approx(_logprob(module, ids, len(ids) - 1), rel=1e-5)
+    n_long = len(tok.encode(long)) + 1
     assert n_long > 64 and got[1] < 0
     assert -got[1] / n_long == pytest.approx(math.log(tok.vocab_size), abs=0.3)
 
 
-def test_generate_until_greedy(lm, tok):
+def test_generate_until_greedy(lm, module, tok):
     context = "def add(a, b):\n    return"
     free = lm.generate_until(_requests("generate_until", [
         (context, {"until": [], "max_gen_toks": 6, "do_sample": False})]), disable_tqdm=True)[0]
-    # reference greedy loop
+    # reference greedy loop on our module
     ids = [tok.bos_id, *tok.encode(context)]
     out = []
     with torch.no_grad():
         for _ in range(6):
-            nxt = int(lm.model(torch.tensor([ids]))[0, -1].argmax())
+            nxt = int(module(torch.tensor([ids]))[0, -1].argmax())
             if nxt == tok.eos_id:
                 break
             ids.append(nxt)

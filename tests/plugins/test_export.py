@@ -14,8 +14,9 @@ from recipe_engine.artifacts import part_name, write_documents
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
 from recipe_engine_plugins.export import SAMPLE_PROMPTS, HFExport
-from recipe_engine_plugins.export.hf import from_hf_name, load_export, to_hf_name
+from recipe_engine_plugins.export.hf import load_export
 from recipe_engine_plugins.models import Llama, load_model, save_model
+from recipe_engine_plugins.models.hf import from_hf_name, to_hf_name
 from recipe_engine_plugins.tokenizers.spm import Tokenizer
 from recipe_engine_plugins.tokenizers.train import SentencePieceBPE
 
@@ -198,19 +199,30 @@ def test_lm_eval_hf_model_on_export(tmp_path, tokenizer_artifact, tok):
     assert res["n-samples"]["python_basics"]["effective"] == 20
     assert got["acc,none"] == ours.manifest["metrics"]["python_basics/acc"]
     assert got["acc_norm,none"] == ours.manifest["metrics"]["python_basics/acc_norm"]
-    # and the log-likelihoods themselves agree with our model's
-    from recipe_engine_plugins.evaluation.lm_eval_model import RecipeEngineLM
-
-    lm = RecipeEngineLM(checkpoint=ckpt.path, tokenizer=tokenizer_artifact.path, device="cpu")
+    # and the log-likelihoods themselves are our model's, on our tokenizer's ids
+    model = load_model(ckpt.path)
     samples = res["samples"]["python_basics"]
-    reqs = [r for s in samples for r in s["arguments"].values()] if isinstance(
-        samples[0]["arguments"], dict) else [tuple(a) for s in samples for a in s["arguments"]]
+    reqs = [tuple(a) for s in samples for a in s["arguments"]]
     hf_lls = [r[0][0] for s in samples for r in s["resps"]]
-    from lm_eval.api.instance import Instance
+    assert len(reqs) == len(hf_lls) > 40
+    assert [_our_loglikelihood(model, tok, *r) for r in reqs] == pytest.approx(hf_lls, abs=1e-4)
 
-    ours_lls = [ll for ll, _ in lm.loglikelihood(
-        [Instance("loglikelihood", {}, tuple(a), 0) for a in reqs], disable_tqdm=True)]
-    assert ours_lls == pytest.approx(hf_lls, abs=1e-4)
+
+def _our_loglikelihood(model, tok, context: str, continuation: str) -> float:
+    """log P(continuation | context) from our module and runtime tokenizer, by lm-eval's rule:
+    ``[bos] + encode(context + continuation)``, the continuation's tokens those past
+    ``[bos] + encode(context)`` (trailing spaces of the context moved into the continuation),
+    the last ``max_seq_len + 1`` tokens kept."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = [tok.bos_id, *tok.encode(context + continuation)]
+    num_scored = len(whole) - 1 - len(tok.encode(context))
+    ids = whole[-65:]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).double()[0], -1)
+    n = len(ids) - 1
+    return sum(logp[i, ids[i + 1]].item() for i in range(n - num_scored, n))
 
 
 def test_export_is_byte_identical_and_run_facts_go_to_the_manifest(tmp_path, tokenizer_artifact,
@@ -257,7 +269,7 @@ def test_a_wrong_conversion_fails_the_export(tmp_path, tokenizer_artifact, tok, 
     """A conversion bug (here: two layers' query weights swapped) is caught by the stage's own
     check, not shipped."""
     from recipe_engine import StageError
-    from recipe_engine_plugins.export import hf
+    from recipe_engine_plugins.models import hf
 
     real = hf.hf_state_dict
 
@@ -272,6 +284,16 @@ def test_a_wrong_conversion_fails_the_export(tmp_path, tokenizer_artifact, tok, 
     with pytest.raises(StageError, match="logits differ"):
         run_stage(HFExport(sample_prompts=[]), tmp_path / "export",
                   inputs={"checkpoint": ckpt, "tokenizer": tokenizer_artifact})
+
+
+def test_a_tokenizer_format_without_hf_form_is_a_clear_error():
+    from recipe_engine.tokenizer import Tokenizer as Base
+
+    class Plain(Base):  # no format: not registered
+        pass
+
+    with pytest.raises(NotImplementedError, match="format '' has no Hugging Face form"):
+        Plain().hf_tokenizer(64)
 
 
 @pytest.mark.parametrize("params, reason", [
