@@ -692,13 +692,22 @@ def _funnel_section(data: dict[str, Any], p: str) -> str:
 
 
 def _curve_groups(series: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
-    """(title, y label, keys) per chart: every loss together, lr, tokens/s, then one chart
-    per other key."""
-    keys = list(series)
+    """(title, y label, keys) per chart: every loss together, lr, tokens/s, one chart per
+    in-loop evaluation task (``eval/<task>/<metric>``: its scores together, standard errors
+    and counts left out), then one chart per other key."""
+    keys = [k for k in series if not (k.startswith("eval/") and
+                                      (k.endswith("_stderr") or k.endswith("/num_samples")))]
     groups = [("loss", "loss", [k for k in keys if k.split("/")[-1].endswith("loss")]),
               ("learning rate", "lr", [k for k in keys if k in ("lr", "learning_rate")]),
               ("tokens/s", "tokens/s", [k for k in keys if k == "tokens_per_second"])]
     used = {k for _, _, ks in groups for k in ks}
+    tasks: dict[str, list[str]] = {}
+    for k in keys:
+        parts = k.split("/")
+        if k not in used and parts[0] == "eval" and len(parts) >= 3:
+            tasks.setdefault("/".join(parts[1:-1]), []).append(k)
+    groups += [(f"in-loop eval: {task}", "score", ks) for task, ks in tasks.items()]
+    used |= {k for ks in tasks.values() for k in ks}
     groups += [(k, k, [k]) for k in keys if k not in used]
     return [g for g in groups if g[2]]
 

@@ -36,6 +36,8 @@ SECTIONS = {  # kind -> the ## heading its components are documented under
     "optimizer": "Optimizers",
     "scheduler": "Schedulers",
     "parallelism": "Parallelism",
+    "logger": "Loggers",
+    "evaluator": "Evaluators",
     "executor": "Executors",
 }
 HEADING = re.compile(r"^### `([^`]+)` \(([a-z_]+)\)$")

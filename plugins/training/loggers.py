@@ -412,6 +412,13 @@ def _uploader_class() -> type:
                           overwrite: bool = False, progress_bar: bool = True) -> None:
             raise NotImplementedError("object_store uploads only; resume uses local checkpoints")
 
+        def post_close(self) -> None:
+            """After every upload finished: remove the staging folder. Composer leaves a
+            staged copy behind when one name is logged again before its first copy was
+            queued (the checkpoint pointer, rewritten at each save)."""
+            super().post_close()
+            shutil.rmtree(self._upload_staging_folder, ignore_errors=True)
+
     return CheckpointUploader
 
 

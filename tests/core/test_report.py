@@ -410,3 +410,16 @@ def test_reports_render_in_headless_chromium(toy, tmp_path):
         assert state["sorted"] == ["2", "1"]  # clicked twice on the metric: descending
     finally:
         browser.close()
+
+
+def test_in_loop_eval_curves_share_one_chart_per_task():
+    from recipe_engine.report import _curve_groups
+
+    series = {k: [] for k in ("loss", "lr", "eval/python_basics/acc", "eval/python_basics/acc_norm",
+                              "eval/python_basics/acc_stderr", "eval/python_basics/num_samples",
+                              "grad_norm")}
+    groups = {title: keys for title, _, keys in _curve_groups(series)}
+    assert groups["in-loop eval: python_basics"] == ["eval/python_basics/acc",
+                                                     "eval/python_basics/acc_norm"]
+    assert "eval/python_basics/acc_stderr" not in {k for ks in groups.values() for k in ks}
+    assert groups["grad_norm"] == ["grad_norm"] and groups["loss"] == ["loss"]

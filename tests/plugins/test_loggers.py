@@ -288,7 +288,8 @@ def test_object_store_uploads_every_checkpoint_byte_identical(tmp_path, moto_s3)
     fetched = tmp_path / "fetched.pt"
     get_file(f"s3://ckpt-bucket/{prefix}checkpoints/latest-rank0.pt.symlink", str(fetched))
     assert fetched.read_bytes() == local[0].read_bytes()
-    assert not any((run_dir / ".upload").glob("*"))  # staged copies removed after upload
+    staged = sorted(p.name for p in (run_dir / ".upload").rglob("*"))
+    assert not staged, staged  # staged copies removed after upload
 
 
 # -- through the training stage --------------------------------------------------------------
@@ -308,7 +309,7 @@ def test_composer_train_feeds_its_loggers_and_uploads_its_checkpoints(tmp_path, 
     train = stage(max_duration="4ba", save_interval="2ba", loggers=[
         {"name": "tensorboard"}, {"name": "object_store", "uri": "s3://ckpt-bucket/runs"}])
     art = run_stage(train, tmp_path / "run", {"shards": shards})
-    label = "composer_train"  # run_stage's stage label
+    label = "composer_train-test"  # run_stage's stage label and fingerprint ("test"), cut to 8
 
     events = art.path / "logs" / "tensorboard" / label  # copied from the work directory
     acc = EventAccumulator(str(events))
