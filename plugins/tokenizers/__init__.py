@@ -6,7 +6,10 @@ Nothing heavy is imported here: sentencepiece, numpy and streaming load inside `
 """
 from recipe_engine import hookimpl
 
+from recipe_engine.tokenizer import SentencePieceTokenizer, Tokenizer
+
 from . import hf_bpe
+from .hf_convert import sentencepiece_hf_tokenizer
 from .shards import MDSShards
 from .train import SentencePieceBPE
 
@@ -14,3 +17,7 @@ from .train import SentencePieceBPE
 @hookimpl
 def recipe_components():
     return [SentencePieceBPE, MDSShards, *hf_bpe.COMPONENTS]
+
+# the core's SentencePiece runtime gets its Hugging Face form here (transformers stays out of
+# the core); imported late, inside the converter
+Tokenizer.register_hf_converter(SentencePieceTokenizer.format, sentencepiece_hf_tokenizer)
