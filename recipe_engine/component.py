@@ -16,8 +16,9 @@ registered name; a class without one is abstract and cannot be registered), ``ve
 (default: the docstring's first line), ``tracks_package_version`` (default true: the
 fingerprint also records the installed version of the component's package, so upgrading the
 package reruns its stages; false for components whose output the package version cannot
-change) and, on stages, ``inputs`` (slot -> artifact kind), ``output`` (artifact kind) and
-``distributed`` (default false: see below).
+change) and, on stages, ``inputs`` (slot -> artifact kind), ``output`` (artifact kind),
+``distributed`` (default false: see below) and ``observational`` (default none: parameters
+that do not change the stage's output, left out of its fingerprint; see ``Stage``).
 An input slot declared with a one-element list (``inputs={"shards": ["shards"]}``) takes
 one or more upstream stages (``inputs: {shards: [code, docs]}`` in a recipe), in order.
 ``check_declaration`` states the rules; the registry applies it to every class a plugin
@@ -55,11 +56,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Iterator, TypeVar, Union
 
-from .errors import Problem, RecipeError, StageError
+from .errors import Problem, RecipeError, StageError, did_you_mean
 
 REQUIRED = object()  # marker for a parameter without default
 # class keywords that declare metadata; none may be a field or a plain class attribute
-METADATA = ("kind", "name", "version", "description", "inputs", "output", "distributed")
+METADATA = ("kind", "name", "version", "description", "inputs", "output", "distributed",
+            "observational")
 
 C = TypeVar("C", bound="Component")
 
@@ -207,9 +209,44 @@ def check_declaration(cls: type) -> list[str]:
                                 f"list of one kind (['shards']: one or more), not {kind!r}")
     try:
         cls.subcomponent_params()
+        if issubclass(cls, Stage):
+            params = cls.params_spec()
+            for pname in cls.observational:
+                if pname not in params:
+                    problems.append(f"declares observational={cls.observational!r}, but "
+                                    f"{pname!r} is not one of its parameters")
     except Exception as e:  # an annotation that cannot be resolved
         problems.append(f"has parameter annotations that cannot be resolved: {e}")
     return problems
+
+
+def _declared_fields(cls: type) -> list[str]:
+    """The parameters ``cls`` will have once ``@dataclass`` has run on it (class keywords
+    are handled before it runs): the annotated names of ``cls`` and its bases, less class
+    variables and private names."""
+    names: dict[str, None] = {}
+    for klass in reversed(cls.__mro__):
+        for pname, annotation in klass.__dict__.get("__annotations__", {}).items():
+            text = annotation if isinstance(annotation, str) else repr(annotation)
+            if pname.startswith("_") or pname in METADATA or "ClassVar" in text.split("[")[0]:
+                continue
+            names[pname] = None
+    return list(names)
+
+
+def _observational(cls: type, names: Any) -> tuple[str, ...]:
+    """Check a stage's ``observational=`` keyword against its parameters."""
+    if not (isinstance(names, (tuple, list)) and all(isinstance(n, str) for n in names)):
+        raise TypeError(f"{cls.__qualname__}: observational={names!r}: give a tuple of "
+                        "parameter names (observational=(\"loggers\",))")
+    fields = _declared_fields(cls)
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise TypeError(
+            f"{cls.__qualname__}: observational names {', '.join(map(repr, unknown))}, not "
+            f"a parameter of {cls.__name__}{did_you_mean(unknown[0], fields)}; its parameters: "
+            f"{', '.join(fields) or 'none'}")
+    return tuple(dict.fromkeys(names))
 
 
 def instantiate(cls: type[C], params: dict[str, Any],
@@ -333,20 +370,33 @@ class StageContext:
 
 @dataclass(kw_only=True)
 class Stage(Component, kind="stage"):
-    """A component a recipe stage names. Declares its input slots and output kind."""
+    """A component a recipe stage names. Declares its input slots and output kind.
+
+    ``observational=("loggers", ...)``: parameters of this stage that do not change its
+    output (where its metrics also go, a limit only checked). The fingerprint sees each at
+    its default, so changing one reuses the committed artifact; the manifest records the
+    values of the run that made it. Only the stage's own parameters, not a sub-component's.
+    A name that is not a parameter is an error when the class is defined. Subclasses inherit
+    the declaration; one that declares its own replaces it (list the inherited names again
+    to keep them)."""
 
     # slot -> artifact kind; ``[kind]``: one or more upstream stages of that kind, in order
     inputs: ClassVar[dict[str, str | list[str]]] = {}
     output: ClassVar[str] = ""
     # runs on every node of a multi-node job (``run`` on node 0, ``run_follower`` elsewhere)
     distributed: ClassVar[bool] = False
+    # parameters that do not change the output: left out of the fingerprint (see the class)
+    observational: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, *, inputs: dict[str, str | list[str]] | None = None,
                           output: str | None = None, distributed: bool | None = None,
+                          observational: tuple[str, ...] | list[str] | None = None,
                           **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if distributed is not None:
             cls.distributed = bool(distributed)
+        if observational is not None:
+            cls.observational = _observational(cls, observational)
         if inputs is not None:
             cls.inputs = {slot: list(kind) if isinstance(kind, (list, tuple)) else kind
                           for slot, kind in inputs.items()}

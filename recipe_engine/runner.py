@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -25,10 +26,10 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from . import __version__
-from .component import Artifact, Executor, StageContext
+from .component import REQUIRED, Artifact, Executor, StageContext, as_spec
 from .errors import RecipeError, StageError
 from .plugins import PluginManager
 from .progress import Progress
@@ -138,13 +139,59 @@ def compute_fingerprints(recipe: Recipe, pm: PluginManager,
             extras[name] = extra
         fps[name] = fingerprint({
             "component": spec.component.name,
-            "versions": spec.versions,
-            "params": spec.recorded_params,
+            "versions": spec.versions if spec.fingerprint_versions is None
+            else spec.fingerprint_versions,
+            "params": fingerprinted_params(spec),
             "inputs": {slot: _per_input(up, fps.__getitem__)
                        for slot, up in sorted(spec.inputs.items())},
             "extra": extra,
         })
     return fps
+
+
+def fingerprinted_params(spec: StageSpec) -> dict[str, Any]:
+    """The stage's parameters as its fingerprint sees them: ``spec.recorded_params`` with
+    each ``observational`` parameter of its component at its default (left out when it has
+    none). Changing one of those reuses the artifact; and a stage that leaves them at their
+    defaults keeps the fingerprint it had before the component declared them."""
+    neutral = spec.component.observational
+    if not neutral:
+        return spec.recorded_params
+    out = {k: v for k, v in spec.recorded_params.items() if k not in neutral}
+    for pname in neutral:
+        default = _default_spec(spec, pname)
+        if pname in spec.recorded_params and default is not REQUIRED:
+            out[pname] = default
+    return out
+
+
+def _default_spec(spec: StageSpec, pname: str) -> Any:
+    """Parameter ``pname``'s default as a recipe would write it, or REQUIRED."""
+    default = spec.component.params_spec().get(pname, (None, REQUIRED))[1]
+    return default if default is REQUIRED else as_spec(default)
+
+
+def _check_reused(spec: StageSpec, found: Artifact) -> None:
+    """Warn when an artifact is reused that was made with other ``observational``
+    parameters than this recipe gives (other loggers, say): those did not take effect."""
+    made = found.manifest.get("params") or {}
+    differ = {}
+    for pname in spec.component.observational:
+        if pname not in spec.recorded_params:
+            continue
+        theirs = _as_json(made[pname] if pname in made else _default_spec(spec, pname))
+        if theirs != _as_json(spec.recorded_params[pname]):
+            differ[pname] = theirs
+    if differ:
+        log.warning(
+            "stage %r is reused from the store (%s), made with other %s (%s): these do not "
+            "change its output, so it did not run again and the recipe's took no effect; "
+            "`--force %s` runs it with them", spec.name, found.path, ", ".join(differ),
+            "; ".join(f"{k}={v}" for k, v in differ.items()), spec.name)
+
+
+def _as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def plan(recipe: Recipe, pm: PluginManager, store: Store) -> list[PlannedStage]:
@@ -259,6 +306,7 @@ def _run_selected(recipe: Recipe, pm: PluginManager, store: Store, selected: lis
         found = None if name in forced else store.find(fp)
         if found is not None:
             store.tidy(fp)  # a run killed just after committing fp left its work dir
+            _check_reused(spec, found)
             artifacts[name] = found
             entry = _summary_entry(name, spec, fp, "cached", time.monotonic() - t0, found)
             summary["stages"].append(entry)
@@ -294,6 +342,8 @@ def _run_selected(recipe: Recipe, pm: PluginManager, store: Store, selected: lis
                         raise
                     raise StageFailed(name, e, summary) from e
                 store.record(recipe.name, name, fp)
+            else:
+                _check_reused(spec, found)
         artifacts[name] = found
         if record is not None:
             record.stage(name, status)
@@ -428,26 +478,20 @@ class _Leader:
     def wait_for_commit(self, stage: str, fp: str, forced: bool) -> Artifact:
         """Node 0's committed artifact ``fp``. A ``forced`` stage's old artifact does not
         count: only once node 0's current run reports it ran."""
-        said = False
-        while True:
-            if not forced:
-                found = self.store.lookup(fp, report=False)
-                if found is not None:
-                    return found
-            rec = self.poll()
-            if rec is not None and forced and rec["stages"].get(stage) in ("ran", "cached"):
-                found = self.store.lookup(fp, report=False)
-                if found is not None:
-                    return found
-            self.check(rec, stage, "commit")
-            if not said:
-                log.info("%s: waiting for node 0 to commit stage %r", self.nodes.describe(), stage)
-                said = True
-            time.sleep(self.POLL)
+        found = self._wait(stage, fp, forced, "commit")
+        assert found is not None  # only a wait "start" returns None
+        return found
 
     def wait_for_start(self, stage: str, fp: str, forced: bool) -> Artifact | None:
         """None once node 0's current run has started ``stage`` (join it now), or the
         artifact when ``stage`` is committed already (nothing to join)."""
+        return self._wait(stage, fp, forced, "start")
+
+    def _wait(self, stage: str, fp: str, forced: bool,
+              until: Literal["commit", "start"]) -> Artifact | None:
+        """Poll until artifact ``fp`` is committed (one made before node 0's current run
+        counts unless ``forced``), or, ``until="start"``, node 0's current run has started
+        ``stage`` (None). Raises as :meth:`check` does."""
         said = False
         while True:
             if not forced:
@@ -455,17 +499,17 @@ class _Leader:
                 if found is not None:
                     return found
             rec = self.poll()
-            if rec is not None:
-                status = rec["stages"].get(stage)
-                if status == "running":
-                    return None
-                if status in ("ran", "cached"):
-                    found = self.store.lookup(fp, report=False)
-                    if found is not None:
-                        return found
-            self.check(rec, stage, "start")
+            status = rec["stages"].get(stage) if rec is not None else None
+            if until == "start" and status == "running":
+                return None
+            if status in ("ran", "cached"):
+                found = self.store.lookup(fp, report=False)
+                if found is not None:
+                    return found
+            self.check(rec, stage, until)
             if not said:
-                log.info("%s: waiting for node 0 to start stage %r", self.nodes.describe(), stage)
+                log.info("%s: waiting for node 0 to %s stage %r", self.nodes.describe(), until,
+                         stage)
                 said = True
             time.sleep(self.POLL)
 

@@ -27,6 +27,9 @@ class StageSpec:
     inputs: dict[str, str | list[str]]  # slot -> upstream stage name (list slots: names)
     executor: dict[str, Any]
     versions: dict[str, str] = field(default_factory=dict)  # "kind/name" -> version used
+    # the versions the fingerprint records: those of the stage and of the sub-components in
+    # its parameters other than its ``observational`` ones (None: every one in ``versions``)
+    fingerprint_versions: dict[str, str] | None = None
     # what manifests and fingerprints record of params: URLs redacted, ${oc.env:X} unresolved
     recorded_params: dict[str, Any] = field(default_factory=dict)
 
@@ -81,8 +84,15 @@ class _Checker:
 
     # -- parameters ---------------------------------------------------------------------
 
-    def params(self, cls: type[Component], given: Any, key: str,
-               versions: dict[str, str]) -> dict[str, Any] | None:
+    def params(self, cls: type[Component], given: Any, key: str, versions: dict[str, str],
+               observed: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """``cls``'s parameters resolved; the versions of the sub-components they hold go to
+        ``versions``, those in a stage's ``observational`` parameters to ``observed``."""
+        neutral = getattr(cls, "observational", ()) if observed is not None else ()
+
+        def versions_of(name: str) -> dict[str, str]:
+            return observed if name in neutral and observed is not None else versions
+
         if given is None:
             given = {}
         if not isinstance(given, dict):
@@ -109,7 +119,8 @@ class _Checker:
                 continue
             value = given[name]
             if name in subs:
-                built = self.subcomponents(subs[name], value, f"{key}.{name}", versions)
+                built = self.subcomponents(subs[name], value, f"{key}.{name}",
+                                           versions_of(name))
                 ok = ok and built is not None
                 out[name] = built
                 continue
@@ -122,7 +133,8 @@ class _Checker:
         for name, sub in subs.items():
             if name not in given and out.get(name) not in (None, REQUIRED):
                 default = as_spec(out[name])
-                out[name] = self.subcomponents(sub, default, f"{key}.{name}", versions)
+                out[name] = self.subcomponents(sub, default, f"{key}.{name}",
+                                               versions_of(name))
                 ok = ok and out[name] is not None
         if not ok:
             return None
@@ -219,7 +231,8 @@ class _Checker:
         cls: type[Stage] = reg.cls  # type: ignore[assignment]
         inputs = self.inputs(cls, raw.get("inputs"), f"{key}.inputs", stages)
         versions = {f"stage/{comp}": reg.fingerprint_version}
-        params = self.params(cls, raw.get("params"), f"{key}.params", versions)
+        observed: dict[str, str] = {}
+        params = self.params(cls, raw.get("params"), f"{key}.params", versions, observed)
         executor_spec = raw.get("executor", default_executor)
         if executor_spec is None:
             self.problem(f"{key}.executor", "no executor: name one (executor: {name: local}) or "
@@ -228,7 +241,8 @@ class _Checker:
         executor = self.subcomponent(Executor, executor_spec, f"{key}.executor", {})
         if inputs is None or params is None or executor is None:
             return None
-        return StageSpec(name, cls, params, inputs, executor, versions)
+        return StageSpec(name, cls, params, inputs, executor, {**versions, **observed},
+                         fingerprint_versions=versions)
 
     def inputs(self, cls: type[Stage], raw: Any, key: str,
                stages: dict[str, Any]) -> dict[str, str | list[str]] | None:
