@@ -75,7 +75,9 @@ class LmEvalTasks(LmEvalTaskSpec, Evaluator,
         """``{"<task>/<metric>": value, ...}`` as the ``lm_eval`` stage reports them. The
         module is scored where it is (its parameters' device), in the mode it is in; the
         caller puts it in eval mode and keeps its random state (lm-eval seeds Python,
-        NumPy and torch)."""
+        NumPy and torch). The tokenizer's Hugging Face form is ``tokenizer.hf_tokenizer``,
+        which ``composer_train``'s in-loop callback makes once per run and reuses; the
+        model's is made at each call (its weights have moved)."""
         # before lm_eval / datasets are imported: they read these at import time
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

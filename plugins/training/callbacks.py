@@ -86,7 +86,8 @@ class StageLog(LoggerDestination):
     """Forwards Composer's logged metrics to the stage (see the module docstring). Keeps a
     smoothed train loss (saved in Composer checkpoints, so it survives a resume) and this
     attempt's span of batches and wall time (Composer's ``timestamp``: data loading and
-    steps, evaluation excluded) for its speed."""
+    steps; Composer's evaluation excluded, and in-loop evaluation too, which its callback
+    takes back out of the clock: ``inloop.InLoopEval.batch_start``) for its speed."""
 
     def __init__(self, ctx: StageContext | None, total_batches: int, log_interval: int):
         super().__init__()

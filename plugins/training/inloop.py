@@ -17,13 +17,27 @@ at the last batch only), as a Composer callback (``InLoopEval``).
 * Resume: the last evaluated batch and its metrics are in every Composer checkpoint
   (``state_dict``), so a resumed run neither repeats an evaluation nor loses the latest
   values, and a run killed and resumed records the same rows as an uninterrupted one.
+* Time: not training time. Composer pauses its batch clock around its own evaluators
+  (``state.timestamp``'s wall-clock times, which ``SpeedMonitor``'s throughput and MFU
+  and ``StageLog``'s tokens/s and ETA are computed from, leave evaluation out), but this
+  callback runs in ``BATCH_END``, before that pause, so the trainer counts its seconds
+  into the next batch's duration. The callback takes them back out: at the next batch's
+  ``BATCH_START`` it moves the timestamp's clocks back by the evaluation's wall time
+  (rank 0's, sent to every rank: the trainer times every rank's batch by rank 0's), so
+  when the trainer adds that batch's duration the clocks read as if the evaluation had
+  not run. An evaluation at the last batch is never counted.
+* The tokenizer's Hugging Face form (what lm-eval scores through) is made once per run,
+  at the first evaluation, not at each (``cache_hf_tokenizer``).
 
 Imported inside the training run only (it imports torch and Composer).
 """
 from __future__ import annotations
 
+import copy
+import datetime
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +90,26 @@ def load_checked_tokenizer(tokenizer_dir: Path, shards_meta: dict[str, Any],
         raise StageError(f"in_loop_eval: the model's vocab_size={vocab_size} is smaller than "
                          f"the tokenizer's vocab_size={tokenizer.vocab_size} ({tokenizer_dir})")
     return tokenizer
+
+
+def cache_hf_tokenizer(tokenizer: Any) -> Any:
+    """A shallow copy of the runtime ``tokenizer`` (same class, same attributes) whose
+    ``hf_tokenizer(max_length)`` converts once per ``max_length`` and then hands back the
+    same transformers tokenizer (lm-eval only reads it, or sets its pad token and padding
+    side, which it does the same way each time); ``None`` stays ``None``."""
+    if tokenizer is None:
+        return None
+    cached = copy.copy(tokenizer)
+    convert = tokenizer.hf_tokenizer
+    made: dict[int | None, Any] = {}
+
+    def hf_tokenizer(max_length: int | None = None) -> Any:
+        if max_length not in made:
+            made[max_length] = convert(max_length)
+        return made[max_length]
+
+    cached.hf_tokenizer = hf_tokenizer
+    return cached
 
 
 # -- random state ---------------------------------------------------------------------------
@@ -136,12 +170,16 @@ class InLoopEval(Callback):
         self.evaluators = list(evaluators)
         self.interval = int(interval)
         self.model_spec = dict(model_spec)
-        self.tokenizer = tokenizer  # None on ranks other than 0
+        self.tokenizer = cache_hf_tokenizer(tokenizer)  # None on ranks other than 0
         self.model_cfg = model_cfg
         self.ctx = ctx  # None on ranks other than 0
         self.last_batch = 0  # the batch of the last evaluation (0: none yet)
         self.last_metrics: dict[str, float] = {}
         self.seconds = 0.0  # spent evaluating in this attempt
+        # an evaluation's wall seconds (rank 0's) that the trainer will count into the next
+        # batch; None: nothing to take back (not in the checkpoint: a resumed attempt's
+        # first batch starts a fresh clock)
+        self.untimed: float | None = None
 
     # resume: plain values only (checkpoints are loaded without unrestricted unpickling)
     def state_dict(self) -> dict[str, Any]:
@@ -162,11 +200,34 @@ class InLoopEval(Callback):
         end = state.max_duration
         return end is not None and end.unit == TimeUnit.BATCH and step >= int(end.value)
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.untimed = None  # a new fit() starts a fresh batch clock
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        # the trainer's batch clock ran through the last evaluation: set the timestamp's
+        # clocks back by it now, and adding this batch's duration (the evaluation included)
+        # gives the time without it (see the module docstring)
+        if self.untimed is None:
+            return
+        seconds = torch.tensor([self.untimed], dtype=torch.float64)
+        if dist.get_world_size() > 1:  # every rank took part in run(): all come here
+            seconds = state.device.tensor_to_device(seconds)
+            dist.broadcast(seconds, src=0)
+        self.untimed = None
+        back = datetime.timedelta(seconds=float(seconds.item()))
+        ts = state.timestamp  # (an epoch that ended since: its clock at 0 reads -back until
+        # the trainer adds this batch's duration, which holds the evaluation)
+        state.timestamp = ts.copy(total_wct=ts.total_wct - back,
+                                  iteration_wct=ts.iteration_wct - back,
+                                  epoch_wct=ts.epoch_wct - back)
+
     def batch_end(self, state: State, logger: Logger) -> None:
         # before the batch's checkpoint (BATCH_CHECKPOINT comes after BATCH_END), so the
         # checkpoint records this evaluation
         if self.due(state):
+            started = time.perf_counter()
             self.run(state, logger)
+            self.untimed = time.perf_counter() - started
 
     def fit_end(self, state: State, logger: Logger) -> None:
         # a run whose length is not in batches: its last batch was not recognised as such
@@ -174,8 +235,6 @@ class InLoopEval(Callback):
             self.run(state, logger)
 
     def run(self, state: State, logger: Logger) -> None:
-        import time
-
         step = int(state.timestamp.batch)
         inner = _unwrap(state.model)
         if state.fsdp_enabled:

@@ -3,7 +3,6 @@ import json
 import math
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -18,37 +17,15 @@ from recipe_engine_plugins.evaluation import HeldoutEval, LmEval, flatten_result
 from recipe_engine_plugins.evaluation.heldout import plan_windows, score_documents
 from recipe_engine_plugins.models import Llama, save_model
 from recipe_engine_plugins.tokenizers.spm import Tokenizer
-from recipe_engine_plugins.tokenizers.train import SentencePieceBPE
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: torch's thread pool only spins against other processes on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TASK_DIR = Path(__file__).parents[2] / "plugins" / "evaluation" / "tasks" / "python_basics"
 
 
-def _code_docs() -> list[dict]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for p in sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "collections").glob("*.py")):
-        docs.append({"id": f"{p.parent.name}/{p.name}", "text": p.read_text(encoding="utf-8"),
-                     "source": "stdlib", "path": str(p)})
-    return docs
-
-
 @pytest.fixture(scope="module")
-def tokenizer_artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    (root / "docs").mkdir()
-    write_documents(root / "docs" / part_name(0), _code_docs())
-    docs = Artifact(kind="documents", path=root / "docs", manifest={"meta": {}})
-    return run_stage(SentencePieceBPE(vocab_size=400, num_threads=1), root / "stage",
-                     inputs={"documents": docs})
+def tokenizer_artifact(stdlib_tokenizer):
+    return stdlib_tokenizer("json", "collections")
 
 
 @pytest.fixture(scope="module")

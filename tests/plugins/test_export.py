@@ -3,14 +3,12 @@ and computes what our model computes."""
 import json
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
 from recipe_engine import Artifact, RecipeError
-from recipe_engine.artifacts import part_name, write_documents
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
 from recipe_engine_plugins.export import SAMPLE_PROMPTS, HFExport
@@ -18,16 +16,8 @@ from recipe_engine_plugins.export.hf import load_export
 from recipe_engine_plugins.models import Llama, load_model, save_model
 from recipe_engine_plugins.models.hf import from_hf_name, to_hf_name
 from recipe_engine_plugins.tokenizers.spm import Tokenizer
-from recipe_engine_plugins.tokenizers.train import SentencePieceBPE
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: torch's thread pool only spins against other processes on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CODE = (
     "import os\n\n\nclass Greeter:\n    \"\"\"Says hello.\"\"\"\n\n"
@@ -42,16 +32,8 @@ TRICKY = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer_artifact(tmp_path_factory):
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = [{"id": p.name, "text": p.read_text(encoding="utf-8"), "source": "stdlib",
-             "path": str(p)} for p in sorted((stdlib / "json").glob("*.py"))]
-    root = tmp_path_factory.mktemp("tok")
-    (root / "docs").mkdir()
-    write_documents(root / "docs" / part_name(0), docs)
-    docs_art = Artifact(kind="documents", path=root / "docs", manifest={"meta": {}})
-    return run_stage(SentencePieceBPE(vocab_size=400, num_threads=1), root / "stage",
-                     inputs={"documents": docs_art})
+def tokenizer_artifact(stdlib_tokenizer):
+    return stdlib_tokenizer("json")
 
 
 @pytest.fixture(scope="module")

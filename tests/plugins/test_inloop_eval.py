@@ -12,7 +12,6 @@ on a tiny Llama, a tiny SentencePiece tokenizer and the shipped ``python_basics`
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from recipe_engine import Artifact, RecipeError, StageError
-from recipe_engine.artifacts import part_name, read_model_spec, write_documents
+from recipe_engine.artifacts import read_model_spec
 from recipe_engine.component import StageContext, instantiate
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import InlineExecutor, run_stage
@@ -28,37 +27,22 @@ from recipe_engine.testing import InlineExecutor, run_stage
 SEQ_LEN = 32
 TASK = {"name": "lm_eval_tasks", "tasks": ["python_basics"], "limit": 8, "batch_size": 8}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: torch's thread pool only spins against other processes on 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, stdlib_tokenizer):
     """A store-like root: a tokenizer artifact under ``artifacts/<fingerprint>/`` and a shards
     artifact beside it whose manifest names that fingerprint as its tokenizer input."""
+    import shutil
+
     import numpy as np
     from streaming import MDSWriter
 
-    from recipe_engine_plugins.tokenizers.train import SentencePieceBPE
-
     root = tmp_path_factory.mktemp("store")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = [{"id": p.name, "text": p.read_text(encoding="utf-8"), "source": "stdlib",
-             "path": str(p)} for p in sorted((stdlib / "json").glob("*.py"))]
-    (root / "docs").mkdir()
-    write_documents(root / "docs" / part_name(0), docs)
-    art = run_stage(SentencePieceBPE(vocab_size=400, num_threads=1), root / "tok_stage",
-                    inputs={"documents": Artifact(kind="documents", path=root / "docs",
-                                                  manifest={"meta": {}})})
     (root / "artifacts").mkdir()
     tok_dir = root / "artifacts" / "tokfp"
-    (root / "tok_stage" / "out").rename(tok_dir)
+    shutil.copytree(stdlib_tokenizer("json").path, tok_dir)
     tok_meta = json.loads((tok_dir / "manifest.json").read_text())["meta"]
     vocab, bos, eos, pad = (tok_meta[k] for k in ("vocab_size", "bos_id", "eos_id", "pad_id"))
 
@@ -164,18 +148,25 @@ def recorder():
 
 
 def train(store, tmp_path, *, evaluate: bool, interval: int = 2, duration: str = "6ba",
-          load_path: str | None = None):
+          load_path: str | None = None, evaluators: list | None = None, speed: bool = False):
     """A Composer run of the tiny model (constant learning rate) on the store's shards (as
     token rows), with the in-loop callback made by ``make_inloop_callback`` when
-    ``evaluate``, checkpointing every 2 batches into ``tmp_path/ckpt``. Returns the
-    final weights, the eval rows logged ``[(batch, metrics)]``, the callback and the ctx."""
+    ``evaluate`` (or an ``InLoopEval`` of ``evaluators`` made here), checkpointing every 2
+    batches into ``tmp_path/ckpt``; ``speed``: with the stage's speed reporting (Composer's
+    ``SpeedMonitor`` over a one-batch window, before the in-loop callback as in
+    ``composer_train``, and ``StageLog``) and token counts. Returns the final weights, the
+    eval rows logged ``[(batch, metrics)]``, every logged row, the callback, the ctx and the
+    ``StageLog``."""
     import numpy as np
     from composer import Trainer
+    from composer.callbacks import SpeedMonitor
+    from composer.core import DataSpec
     from composer.utils import dist, reproducibility
 
     from recipe_engine.artifacts import iter_token_sequences
     from recipe_engine_plugins.training import ComposerTrain
-    from recipe_engine_plugins.training.inloop import make_inloop_callback
+    from recipe_engine_plugins.training.callbacks import StageLog
+    from recipe_engine_plugins.training.inloop import InLoopEval, make_inloop_callback
 
     registry = PluginManager().registry
     params = {"model": {"name": "llama", **tiny_llama().params()}, "max_duration": duration,
@@ -196,11 +187,21 @@ def train(store, tmp_path, *, evaluate: bool, interval: int = 2, duration: str =
     spec = {"name": stage.model.name, "params": stage.model.params(),
             "vocab_size": store.vocab, "max_seq_len": SEQ_LEN}
     callback = make_inloop_callback(stage, ctx, stage.model, spec, None) if evaluate else None
+    if evaluators:
+        callback = InLoopEval(evaluators, interval, spec, None, stage.model, ctx)
     rec = recorder()
+    callbacks = [callback] if callback else []
+    loggers = [rec]
+    log = None
+    if speed:
+        log = StageLog(ctx, int(duration.removesuffix("ba")), 1)
+        callbacks = [SpeedMonitor(window_size=1, time_unit="seconds"), *callbacks]
+        loggers.append(log)
+        loader = DataSpec(loader, get_num_tokens_in_batch=lambda batch: batch.numel())
     trainer = Trainer(
         model=composer_model(module), train_dataloader=loader, max_duration=duration,
         optimizers=torch.optim.AdamW(module.parameters(), lr=1e-2),
-        callbacks=[callback] if callback else [], loggers=[rec], device="cpu",
+        callbacks=callbacks, loggers=loggers, device="cpu",
         progress_bar=False, log_to_console=False, seed=17, run_name="t",
         save_folder=str(tmp_path / "ckpt"), save_interval="2ba", save_overwrite=True,
         load_path=load_path)
@@ -208,7 +209,8 @@ def train(store, tmp_path, *, evaluate: bool, interval: int = 2, duration: str =
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
     trainer.close()
     evals = [(step, m) for step, m in rec.rows if any(k.startswith("eval/") for k in m)]
-    return SimpleNamespace(weights=weights, evals=evals, callback=callback, ctx=ctx)
+    return SimpleNamespace(weights=weights, evals=evals, rows=rec.rows, callback=callback,
+                           ctx=ctx, log=log)
 
 
 def same_weights(a, b) -> bool:
@@ -260,6 +262,64 @@ def test_resume_does_not_repeat_or_lose_evaluations(store, tmp_path, with_eval):
     assert [step for step, _ in resumed.evals] == [6]
     assert resumed.evals[0][1] == with_eval.evals[-1][1]
     assert same_weights(resumed.weights, with_eval.weights)
+
+
+class Sleeper:
+    """A test evaluator that takes a known time: sleeps ``seconds``, reports them."""
+
+    name = "sleeper"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def evaluate(self, module, model_spec, tokenizer):
+        import time
+
+        time.sleep(self.seconds)
+        return {"sleeper/seconds": self.seconds}
+
+
+def test_inloop_eval_time_is_not_counted_as_training_time(store, tmp_path):
+    """An in-loop evaluation runs inside Composer's BATCH_END, before Composer pauses its
+    batch clock; the batch after it must not be reported as slow (throughput, the rate the
+    ETA divides by, the training time) by ``SpeedMonitor`` nor by ``StageLog``."""
+    sleep = 1.0
+    plain = train(store, tmp_path / "plain", evaluate=False, duration="4ba", speed=True)
+    slow = train(store, tmp_path / "slow", evaluate=False, evaluators=[Sleeper(sleep)],
+                 duration="4ba", speed=True)
+    assert [step for step, _ in slow.evals] == [2, 4]
+    assert same_weights(plain.weights, slow.weights)
+
+    def logged(run, key):
+        return {step: m[key] for step, m in run.rows if key in m}
+
+    for key in ("throughput/tokens_per_sec", "throughput/batches_per_sec"):
+        usual = sorted(logged(plain, key).values())[1]  # the median of batches 2, 3 and 4
+        after = logged(slow, key)[3]  # the window of batch 3: from batch 2's end to its own
+        assert after > usual / 10, (key, after, usual)
+    # the training time (SpeedMonitor's time/train, StageLog's speed) leaves the sleep out
+    plain_time, slow_time = logged(plain, "time/train")[4], logged(slow, "time/train")[4]
+    assert slow_time < plain_time + sleep / 2, (slow_time, plain_time)
+    assert slow.log.attempt()[1] < plain.log.attempt()[1] + sleep / 2
+    assert slow.log.tokens_per_second(8 * SEQ_LEN) > plain.log.tokens_per_second(8 * SEQ_LEN) / 3
+
+
+def test_tokenizer_converted_once_per_run(store, tmp_path, monkeypatch):
+    from recipe_engine.tokenizer import Tokenizer
+
+    convert = Tokenizer._hf_converters["sentencepiece"]
+    made = []
+    monkeypatch.setitem(Tokenizer._hf_converters, "sentencepiece",
+                        lambda tok, max_length: made.append(max_length) or convert(tok, max_length))
+    run = train(store, tmp_path, evaluate=True, interval=1, duration="2ba")
+    assert [step for step, _ in run.evals] == [1, 2]
+    assert made == [SEQ_LEN]  # the first evaluation converts; the second reuses it
+    # the callback's tokenizer is still the runtime tokenizer, with the same ids
+    from recipe_engine.artifacts import load_tokenizer
+
+    fresh = load_tokenizer(store.tokenizer.path)
+    assert type(run.callback.tokenizer) is type(fresh)
+    assert run.callback.tokenizer.encode("def f(x): return x") == fresh.encode("def f(x): return x")
 
 
 def test_interval_zero_evaluates_once_at_the_end(store, tmp_path):

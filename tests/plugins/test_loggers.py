@@ -9,12 +9,11 @@ from __future__ import annotations
 import glob
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from recipe_engine import RecipeError, Stage, StageError, hookimpl
+from recipe_engine import RecipeError, StageError
 from recipe_engine.plugins import PluginManager
 
 RUN = "pretrain"  # the stage label the training stage passes as the run name
@@ -26,27 +25,18 @@ def logger(spec: dict):
     return PluginManager().registry.build("logger", spec)
 
 
-def fit(run_dir: Path, loggers: list, batches: int = 4, keep: int = 2) -> dict[int, float]:
-    """Train a linear classifier for ``batches`` batches with the training stage's checkpoint
-    settings (fixed run name, checkpoints in ``<run_dir>/checkpoints`` every 2 batches,
-    autoresume); return the loss the trainer logged at each step."""
-    import torch
-    from composer import Trainer
+def fit(tiny_trainer, run_dir: Path, loggers: list, batches: int = 4,
+        keep: int = 2) -> dict[int, float]:
+    """Train the ``tiny_trainer`` classifier for ``batches`` batches with the training
+    stage's checkpoint settings (fixed run name, checkpoints in ``<run_dir>/checkpoints``
+    every 2 batches, autoresume); return the loss the trainer logged at each step."""
     from composer.loggers import InMemoryLogger
-    from composer.models import ComposerClassifier
-    from torch.utils.data import DataLoader, TensorDataset
 
-    torch.manual_seed(0)
-    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
-    model = ComposerClassifier(torch.nn.Linear(8, 2), num_classes=2)
     memory = InMemoryLogger()
-    trainer = Trainer(
-        model=model, train_dataloader=DataLoader(data, batch_size=8),
-        max_duration=f"{batches}ba", optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
-        loggers=[*loggers, memory], run_name="train", progress_bar=False, log_to_console=False,
+    trainer = tiny_trainer(
+        max_duration=f"{batches}ba", loggers=[*loggers, memory], run_name="train",
         save_folder=str(run_dir / "checkpoints"), save_interval="2ba",
-        save_num_checkpoints_to_keep=keep, save_overwrite=True, autoresume=True,
-        device="cpu", seed=17)
+        save_num_checkpoints_to_keep=keep, save_overwrite=True, autoresume=True)
     trainer.fit()
     trainer.close()
     return {int(ts.batch): float(v) for ts, v in memory.data[LOSS]}
@@ -83,44 +73,12 @@ def test_loggers_are_registered_and_validate():
         == "runs/pre-train"
 
 
-RECIPE = """
-name: t
-stages:
-  shards: {component: fake_shards}
-  train:
-    component: composer_train
-    inputs: {shards: shards}
-    params:
-      model: {name: llama, dim: 64, n_layers: 2, n_heads: 4}
-      max_duration: 10ba
-      loggers:
-        - {name: tensorboard}
-        - {name: wandb, mode: onlin}
-        - {name: object_store, uri: "s3://key:hunter2@bucket/runs"}
-"""
-
-
-@dataclass(kw_only=True)
-class FakeShards(Stage, name="fake_shards", output="shards"):
-    """Stands in for a shards stage in validation tests."""
-
-
-class FakeShardsPlugin:
-    @hookimpl
-    def recipe_components(self):
-        return [FakeShards]
-
-
-def test_recipe_validation_names_the_logger_and_its_key(tmp_path):
-    from recipe_engine.config import load
-    from recipe_engine.validate import validate
-
-    pm = PluginManager()
-    pm.register(FakeShardsPlugin(), "fake")
-    (tmp_path / "t.yaml").write_text(RECIPE)
-    with pytest.raises(RecipeError) as e:
-        validate(load(tmp_path / "t.yaml", [], pm.config_dirs()), pm.registry)
-    text = str(e.value)
+def test_recipe_validation_names_the_logger_and_its_key(training_recipe_problems):
+    text = training_recipe_problems({
+        "model": {"name": "llama", "dim": 64, "n_layers": 2, "n_heads": 4},
+        "max_duration": "10ba",
+        "loggers": [{"name": "tensorboard"}, {"name": "wandb", "mode": "onlin"},
+                    {"name": "object_store", "uri": "s3://key:hunter2@bucket/runs"}]})
     assert "loggers" in text and "mode" in text and "'offline'" in text, text
     assert "user-info" in text and "hunter2" not in text, text
 
@@ -134,13 +92,13 @@ def test_a_missing_library_fails_at_build_naming_the_extra(tmp_path, monkeypatch
 # -- each destination under a real trainer ---------------------------------------------------
 
 
-def test_tensorboard_event_files_hold_the_loss(tmp_path):
+def test_tensorboard_event_files_hold_the_loss(tmp_path, tiny_trainer):
     pytest.importorskip("tensorboard", reason="the loggers extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "work"
     tb = logger({"name": "tensorboard", "flush_interval": 2})
-    losses = fit(run_dir, [tb.build(run_dir, RUN)])
+    losses = fit(tiny_trainer, run_dir, [tb.build(run_dir, RUN)])
     events = run_dir / "logs" / "tensorboard" / RUN
     assert glob.glob(str(events / "events.out.tfevents.*")), sorted(run_dir.rglob("*"))
     acc = EventAccumulator(str(events))
@@ -181,7 +139,8 @@ def _wandb_records(path: Path) -> list:
     return records
 
 
-def test_wandb_offline_run_holds_the_loss_without_login_or_network(tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_loss_without_login_or_network(tmp_path, monkeypatch,
+                                                                  tiny_trainer):
     pytest.importorskip("wandb", reason="the loggers extra is not installed")
     for key in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
@@ -193,7 +152,7 @@ def test_wandb_offline_run_holds_the_loss_without_login_or_network(tmp_path, mon
 
     run_dir = tmp_path / "work"
     wb = logger({"name": "wandb", "project": "micro", "tags": ["test"]})
-    losses = fit(run_dir, [wb.build(run_dir, RUN)])
+    losses = fit(tiny_trainer, run_dir, [wb.build(run_dir, RUN)])
     runs = sorted((run_dir / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, sorted(run_dir.rglob("*"))
     (log,) = runs[0].glob("run-*.wandb")
@@ -212,7 +171,8 @@ def test_wandb_offline_run_holds_the_loss_without_login_or_network(tmp_path, mon
     assert list(run_records[0].tags) == ["test"]
 
 
-def test_mlflow_local_store_holds_the_loss_and_resume_continues_the_run(tmp_path, monkeypatch):
+def test_mlflow_local_store_holds_the_loss_and_resume_continues_the_run(tmp_path, monkeypatch,
+                                                                       tiny_trainer):
     pytest.importorskip("mlflow", reason="the loggers extra is not installed")
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
                 "MLFLOW_RUN_ID", "DATABRICKS_TOKEN"):
@@ -222,10 +182,10 @@ def test_mlflow_local_store_holds_the_loss_and_resume_continues_the_run(tmp_path
 
     run_dir = tmp_path / "work"
     ml = logger({"name": "mlflow", "experiment_name": "micro"})
-    first = fit(run_dir, [ml.build(run_dir, RUN)], batches=4)
+    first = fit(tiny_trainer, run_dir, [ml.build(run_dir, RUN)], batches=4)
     assert mlflow.active_run() is None  # ended when the trainer closed
     # a second attempt in the same run directory resumes from the checkpoint at batch 4
-    second = fit(run_dir, [ml.build(run_dir, RUN)], batches=6)
+    second = fit(tiny_trainer, run_dir, [ml.build(run_dir, RUN)], batches=6)
     assert sorted(second) == [4, 5]
 
     db = run_dir / "logs" / "mlflow" / "mlflow.db"
@@ -239,38 +199,13 @@ def test_mlflow_local_store_holds_the_loss_and_resume_continues_the_run(tmp_path
     assert history == pytest.approx({**first, **second}) and len(history) == 6
 
 
-@pytest.fixture
-def moto_s3(monkeypatch):
-    """A local S3 stand-in (moto's server, in a thread) and credentials for it only."""
-    server_mod = pytest.importorskip(
-        "moto.server", reason="moto[server] is not installed: pip install 'moto[server]' boto3")
-    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "S3_CANNED_ACL"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "moto-test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto-test")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)  # Composer's S3ObjectStore reads it
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket="ckpt-bucket")
-        yield client
-    finally:
-        server.stop()
-
-
-def test_object_store_uploads_every_checkpoint_byte_identical(tmp_path, moto_s3):
+def test_object_store_uploads_every_checkpoint_byte_identical(tmp_path, moto_s3, tiny_trainer):
     from composer.utils import get_file
 
+    moto_s3.create_bucket(Bucket="ckpt-bucket")
     run_dir = tmp_path / "work"
     up = logger({"name": "object_store", "uri": "s3://ckpt-bucket/runs/micro"})
-    fit(run_dir, [up.build(run_dir, RUN)], batches=4, keep=1)  # keeps only the last locally
+    fit(tiny_trainer, run_dir, [up.build(run_dir, RUN)], batches=4, keep=1)  # keeps ba4 locally
     prefix = f"runs/micro/{RUN}/"
     listed = moto_s3.list_objects_v2(Bucket="ckpt-bucket", Prefix=prefix)
     keys = sorted(o["Key"][len(prefix):] for o in listed.get("Contents", []))
@@ -305,6 +240,7 @@ def test_composer_train_feeds_its_loggers_and_uploads_its_checkpoints(tmp_path, 
 
     from recipe_engine.testing import run_stage
 
+    moto_s3.create_bucket(Bucket="ckpt-bucket")
     shards = make_shards(tmp_path / "shards", None, n_train=64, n_val=16)
     train = stage(max_duration="4ba", save_interval="2ba", loggers=[
         {"name": "tensorboard"}, {"name": "object_store", "uri": "s3://ckpt-bucket/runs"}])

@@ -340,33 +340,8 @@ def test_remote_local_directory(tmp_path, docs_artifact, tokenizer, shards):
     assert art.meta["data_digest"] == shards.meta["data_digest"]
 
 
-@pytest.fixture
-def moto_s3(monkeypatch):
-    """A local S3 stand-in (moto's server, in a thread) and credentials for it only."""
-    server_mod = pytest.importorskip(
-        "moto.server", reason="moto[server] is not installed: pip install 'moto[server]' boto3")
-    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "S3_CANNED_ACL"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "moto-test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "moto-test")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)  # streaming's uploader reads it
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket="shards-bucket")
-        yield client
-    finally:
-        server.stop()
-
-
 def test_remote_s3(tmp_path, docs_artifact, tokenizer, shards, moto_s3):
+    moto_s3.create_bucket(Bucket="shards-bucket")
     art = _shards(tmp_path / "s", docs_artifact, tokenizer, val_fraction=0.1,
                   remote="s3://shards-bucket/runs/micro")
     local = _split_files(art)
