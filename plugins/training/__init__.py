@@ -69,6 +69,16 @@ class Optimizer(Component, kind="optimizer"):
         return 8
 
 
+def check_lr_betas_decay(problems: Problems, lr: float, betas: list[float],
+                         weight_decay: float) -> None:
+    """The checks the Adam-like optimizers share (``adamw`` here, ``decoupled_adamw`` and
+    ``lion`` in optim.py): ``lr`` > 0, two ``betas`` in [0, 1), ``weight_decay`` >= 0."""
+    problems.require(lr > 0, "lr", f"must be > 0, got {lr}")
+    problems.require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "betas",
+                     f"must be two numbers in [0, 1), got {betas}")
+    problems.require(weight_decay >= 0, "weight_decay", f"must be >= 0, got {weight_decay}")
+
+
 @dataclass(kw_only=True)
 class AdamW(Optimizer,
             name="adamw",
@@ -88,11 +98,7 @@ class AdamW(Optimizer,
     foreach: bool | None = None  # torch's multi-tensor path; None: torch's default
 
     def check(self, problems: Problems) -> None:
-        problems.require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        problems.require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                         "betas", f"must be two numbers in [0, 1), got {self.betas}")
-        problems.require(self.weight_decay >= 0, "weight_decay",
-                         f"must be >= 0, got {self.weight_decay}")
+        check_lr_betas_decay(problems, self.lr, self.betas, self.weight_decay)
         if self.fused != "auto" and self.fused and self.foreach:
             problems.add("foreach", "torch takes fused or foreach, not both: set one of them")
 
@@ -185,7 +191,8 @@ class ComposerTrain(Stage,
                     description="pretrain a model on MDS shards with Composer (resumable)",
                     inputs={"shards": ["shards"]},
                     output="checkpoint",
-                    distributed=True):
+                    distributed=True,
+                    observational=("loggers", "device_memory_gb")):
     """Pretrain a model on ``shards`` with Composer's trainer; output a ``checkpoint``
     artifact (``model.safetensors`` + ``model.json``, fp32).
 
@@ -280,6 +287,7 @@ class ComposerTrain(Stage,
         problems.require(self.device_memory_gb >= 0, "device_memory_gb",
                          f"must be >= 0 (0: not checked), got {self.device_memory_gb}")
         self.parallelism.check_with(self.model, self.optimizer, problems)
+        self.parallelism.check_device(self.device, problems)
         if self.device_memory_gb > 0 and not problems:
             # the vocabulary and sequence length come from upstream stages: here, a lower
             # bound (no embeddings, no activations); describe_plan checks the whole plan
@@ -439,23 +447,17 @@ class ComposerTrain(Stage,
     def run(self, ctx: StageContext) -> None:
         """One process here, or this node's share of ``ctx.num_nodes`` x the parallelism's
         processes per node, launched (``worker.py``)."""
+        from .worker import run_share
+
         self.preflight(ctx)
-        nproc = self.parallelism.num_processes_per_node()
-        if nproc > 1 or ctx.num_nodes > 1:
-            from .worker import launch
-
-            launch(self, ctx, nproc)
-        else:
-            from .trainer import train
-
-            train(self, ctx)
-            ctx.meta.update(world_size=1, num_nodes=1)
+        run_share(self, ctx)
 
     def run_follower(self, ctx: StageContext) -> None:
         """On a node other than node 0: launch this node's processes into node 0's run."""
-        from .worker import launch
+        from .worker import run_share
 
-        launch(self, ctx, self.parallelism.num_processes_per_node())
+        self.preflight(ctx)
+        run_share(self, ctx)
 
 
 from .posttrain import COMPONENTS as POSTTRAIN_COMPONENTS  # noqa: E402  (needs the bases above)

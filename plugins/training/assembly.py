@@ -32,7 +32,7 @@ from recipe_engine.artifacts import BOUNDARIES_BOS
 
 from .callbacks import StageLog, monitors
 from .checkpoints import checkpoint_dir, gather_weights, repair_checkpoints, save_checkpoint_artifact
-from .data import num_tokens
+from .data import counted
 from .objectives import Objective
 
 RUN_NAME = "train"  # fixed, so that autoresume finds the checkpoints of an earlier attempt
@@ -62,6 +62,7 @@ class Processes:
     device: str  # "cpu" or "gpu" (Composer's names)
     device_batch: int  # sequences (rows, pairs) per process and optimizer step
     microbatch: int  # of those, per forward/backward
+    replication: int = 1  # ranks reading the same batch (a tensor-parallel group)
 
     @property
     def main(self) -> bool:
@@ -81,10 +82,19 @@ def processes(stage: Any, unit: str) -> Processes:
     device = resolve_device(stage.device, dist.get_local_world_size())
     if world_size > 1 and not dist.is_initialized():
         dist.initialize_dist(device)
-    if stage.global_batch_size % world_size:
+    replication = stage.parallelism.data_replication()
+    if replication > 1 and unit != "sequences":
+        raise StageError(f"{stage.name} reads {unit} through a sampler that splits them over "
+                         "every rank; tensor parallelism (ranks sharing a batch) is for "
+                         "composer_train: set parallelism.tensor_parallel_degree: 1")
+    if world_size % replication:
+        raise StageError(f"the {world_size} processes do not split into tensor-parallel "
+                         f"groups of {replication}")
+    readers = world_size // replication  # ranks that read distinct batches
+    if stage.global_batch_size % readers:
         raise StageError(f"global_batch_size={stage.global_batch_size} is not divisible by "
-                         f"the {world_size} processes")
-    device_batch = stage.global_batch_size // world_size
+                         f"the {readers} data-parallel ranks")
+    device_batch = stage.global_batch_size // readers
     micro = stage.device_microbatch_size or device_batch
     if device_batch % micro:
         raise StageError(f"device_microbatch_size={micro} does not divide the per-device batch "
@@ -92,7 +102,7 @@ def processes(stage: Any, unit: str) -> Processes:
     if device == "cpu" and stage.precision != "fp32":
         raise StageError(f"precision={stage.precision} needs a GPU (Composer trains on CPU in "
                          f"fp32 only); set precision: fp32 for CPU runs")
-    return Processes(world_size, rank, device, device_batch, micro)
+    return Processes(world_size, rank, device, device_batch, micro, replication)
 
 
 # -- the module ------------------------------------------------------------------------------------
@@ -123,18 +133,21 @@ def build_optimizer(stage: Any, module: torch.nn.Module) -> tuple[Any, Any]:
     stage.parallelism.prepare(module)
     no_decay = [f"{mname}.{pname}".lstrip(".") for mname, m in module.named_modules()
                 if isinstance(m, torch.nn.Embedding) for pname, _ in m.named_parameters(recurse=False)]
-    return stage.optimizer.build(module.named_parameters(), no_decay), stage.scheduler.build()
+    optimizer = stage.optimizer.build(module.named_parameters(), no_decay)
+    stage.parallelism.prepare_optimizer(optimizer)
+    return optimizer, stage.scheduler.build()
 
 
 # -- the trainer -----------------------------------------------------------------------------------
 
 
-def validation_evaluator(loader: torch.utils.data.DataLoader, stage: Any) -> Evaluator:
+def validation_evaluator(loader: torch.utils.data.DataLoader, stage: Any,
+                         replication: int = 1) -> Evaluator:
     """Validation cross-entropy every ``eval_interval`` (``"0"``: once, when training ends)."""
     interval: Any = stage.eval_interval.strip()
     if interval == "0":
         interval = lambda state, event: event == Event.FIT_END  # noqa: E731
-    return Evaluator(label="eval", dataloader=DataSpec(loader, get_num_tokens_in_batch=num_tokens),
+    return Evaluator(label="eval", dataloader=counted(loader, replication),
                      metric_names=["LanguageCrossEntropy", "LanguagePerplexity"],
                      eval_interval=interval, subset_num_batches=stage.eval_batches or -1)
 
@@ -184,7 +197,11 @@ def make_trainer(stage: Any, ctx: StageContext, procs: Processes, objective: Obj
                                                model_spec(model_cfg, vocab_size, seq_len),
                                                tokenizer.path if tokenizer else None))
     algorithms = []
-    if stage.grad_clip_norm > 0:
+    if stage.grad_clip_norm > 0 and stage.parallelism.data_replication() > 1:
+        from .clipping import MeshGradientClipping  # parameters on two device meshes
+
+        algorithms.append(MeshGradientClipping(stage.grad_clip_norm))
+    elif stage.grad_clip_norm > 0:
         from composer.algorithms import GradientClipping
 
         algorithms.append(GradientClipping(clipping_type="norm",

@@ -43,6 +43,19 @@ def num_tokens(batch: torch.Tensor) -> int:
     return int(batch.numel())
 
 
+def counted(loader: torch.utils.data.DataLoader, replication: int = 1) -> Any:
+    """``loader`` as Composer's ``DataSpec``, counting tokens. With ``replication`` ranks
+    reading each batch (a tensor-parallel group), each rank counts its share, so that
+    Composer's sum over every rank is the samples and tokens trained — the count that
+    streaming resumes from."""
+    from composer.core import DataSpec
+
+    if replication == 1:
+        return DataSpec(loader, get_num_tokens_in_batch=num_tokens)
+    return DataSpec(loader, get_num_tokens_in_batch=lambda b: num_tokens(b) // replication,
+                    get_num_samples_in_batch=lambda b: int(b.shape[0]) // replication)
+
+
 def shard_streams(ctx: StageContext, proportions: Sequence[float]) -> tuple[list[Any], list[float] | None]:
     """The ``shards`` inputs (one per stream, the first one's validation split is used),
     each checked for the meta training needs, and the streams' normalised proportions."""
@@ -67,10 +80,11 @@ def stream_cache(ctx: StageContext, cache_tag: str | None) -> Path:
 
 
 def pretrain_loaders(stage: Any, streams: Sequence[Any], proportions: Sequence[float] | None,
-                     cache: Path, device_batch: int
+                     cache: Path, device_batch: int, replication: int = 1
                      ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None]:
     """The training loader over every stream, and the first stream's validation loader
-    (``None`` when it has no validation sequences)."""
+    (``None`` when it has no validation sequences); ``replication`` consecutive ranks read
+    the same batches."""
     from composer.utils import dist
 
     # fixed for the whole run: streaming's default (the number of nodes) unless the recipe
@@ -78,14 +92,14 @@ def pretrain_loaders(stage: Any, streams: Sequence[Any], proportions: Sequence[f
     num_nodes = max(1, dist.get_world_size() // max(1, dist.get_local_world_size()))
     train = make_loader([Path(a.path) / "train" for a in streams], cache / "train", device_batch,
                         True, stage.seed, stage.num_workers,
-                        stage.num_canonical_nodes or num_nodes, proportions)
+                        stage.num_canonical_nodes or num_nodes, proportions, replication)
     if len(train) == 0:
         raise StageError(f"the {sum(int(a.meta['num_train_samples']) for a in streams)} training "
                          f"sequences do not fill one global batch of {stage.global_batch_size}")
     if int(streams[0].meta.get("num_val_samples", 0)) <= 0:
         return train, None
     return train, make_loader(Path(streams[0].path) / "val", cache / "val", device_batch, False,
-                              stage.seed, 0)
+                              stage.seed, 0, replication=replication)
 
 
 def stream_dirs(split_dir: Path, cache_dir: Path) -> tuple[str, str | None]:
@@ -103,18 +117,22 @@ def stream_dirs(split_dir: Path, cache_dir: Path) -> tuple[str, str | None]:
 def make_loader(split_dir: Path | Sequence[Path], cache_dir: Path, batch_size: int,
                 shuffle: bool, seed: int, num_workers: int,
                 num_canonical_nodes: int | None = None,
-                proportions: Sequence[float] | None = None) -> torch.utils.data.DataLoader:
+                proportions: Sequence[float] | None = None,
+                replication: int = 1) -> torch.utils.data.DataLoader:
     """``batch_size`` is per device. The global sample order depends on ``seed``,
     ``num_canonical_nodes`` and the global batch size only (streaming's elastic determinism);
     a checkpoint's ``num_canonical_nodes`` replaces the one given here when it is loaded.
 
     Several split directories are mixed as streaming ``Stream``s (one per data stream), with
-    ``proportions`` (normalised) or, without them, each sample once per epoch."""
+    ``proportions`` (normalised) or, without them, each sample once per epoch.
+    ``replication``: that many consecutive ranks get the same samples (streaming's own
+    option, for tensor parallelism)."""
     from streaming import Stream, StreamingDataset
 
     dirs = [Path(split_dir)] if isinstance(split_dir, (str, Path)) else [Path(d) for d in split_dir]
     common = dict(shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
-                  num_canonical_nodes=num_canonical_nodes)
+                  num_canonical_nodes=num_canonical_nodes,
+                  replication=replication if replication > 1 else None)
     if len(dirs) == 1 and not proportions:
         local, remote = stream_dirs(dirs[0], cache_dir)
         dataset = StreamingDataset(local=local, remote=remote, **common)

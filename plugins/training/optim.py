@@ -29,12 +29,7 @@ from typing import Any, Iterable, Literal
 
 from recipe_engine import Problems
 
-from . import AdamW, Optimizer, Scheduler, _check_time
-
-
-def _check_betas(problems: Problems, betas: list[float]) -> None:
-    problems.require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "betas",
-                     f"must be two numbers in [0, 1), got {betas}")
+from . import AdamW, Optimizer, Scheduler, _check_time, check_lr_betas_decay
 
 
 @dataclass(kw_only=True)
@@ -51,10 +46,7 @@ class DecoupledAdamWOpt(Optimizer,
     weight_decay: float = 1e-5
 
     def check(self, problems: Problems) -> None:
-        problems.require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _check_betas(problems, self.betas)
-        problems.require(self.weight_decay >= 0, "weight_decay",
-                         f"must be >= 0, got {self.weight_decay}")
+        check_lr_betas_decay(problems, self.lr, self.betas, self.weight_decay)
 
     def state_bytes_per_param(self) -> int:
         return 8  # exp_avg and exp_avg_sq, fp32
@@ -111,10 +103,7 @@ class LionOpt(Optimizer, name="lion", description="Lion: sign of interpolated mo
     weight_decay: float = 1.0
 
     def check(self, problems: Problems) -> None:
-        problems.require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _check_betas(problems, self.betas)
-        problems.require(self.weight_decay >= 0, "weight_decay",
-                         f"must be >= 0, got {self.weight_decay}")
+        check_lr_betas_decay(problems, self.lr, self.betas, self.weight_decay)
 
     def state_bytes_per_param(self) -> int:
         return 4  # exp_avg, fp32

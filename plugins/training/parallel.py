@@ -7,6 +7,9 @@
 * ``fsdp``: Composer's FSDP (``parallelism_config={"fsdp": ...}``): full, gradient-and-
   optimizer-only or hybrid sharding, activation checkpointing and CPU offload of
   activations, and tensor parallelism inside a node (``parallelism_config={"tp": ...}``).
+  ``fsdp_version: 1`` is torch's ``FullyShardedDataParallel`` (Composer's default; CUDA only in
+  Composer 0.32); ``fsdp_version: 2`` is torch's per-parameter ``fully_shard`` (DTensor), which
+  Composer 0.32 also runs on CPU processes with gloo.
 
 Light: torch is imported inside the methods that run in the training process.
 """
@@ -44,6 +47,9 @@ class Parallelism(Component, kind="parallelism"):
     def prepare(self, module: Any) -> None:
         """Mark the plain ``nn.Module`` for wrapping before the trainer sees it."""
 
+    def prepare_optimizer(self, optimizer: Any) -> None:
+        """Called with the optimizer built over the prepared module's parameters."""
+
     def sharding(self) -> Sharding:
         """How one process's weights, gradients, optimizer state and activations are spread
         (the memory planner's input)."""
@@ -53,9 +59,18 @@ class Parallelism(Component, kind="parallelism"):
         """Whether more devices lower the memory per device (for the planner's hints)."""
         return False
 
+    def data_replication(self) -> int:
+        """Consecutive ranks that read the same batch (a tensor-parallel group); the data
+        are split over ``world_size / data_replication()`` ranks."""
+        return 1
+
     def check_with(self, model: ModelConfig, optimizer: Any, problems: Problems) -> None:
         """Checks that need the stage's other sub-components; ``problems`` is the stage's,
         so keys are written ``parallelism.<param>``."""
+
+    def check_device(self, device: str, problems: Problems) -> None:
+        """Checks against the stage's ``device`` (``auto``, ``cpu``, ``gpu``); keys as in
+        ``check_with``."""
 
 
 @dataclass(kw_only=True)
@@ -89,6 +104,8 @@ class DDP(Parallelism, name="ddp", description="DistributedDataParallel, one pro
 
 
 _HYBRID = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+# FSDP2 (fully_shard): resharding after forward or not is the whole choice
+_FSDP2_STRATEGIES = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
 
 
 @dataclass(kw_only=True)
@@ -107,10 +124,17 @@ class FSDP(DDP, name="fsdp", description="FSDP (full, grad/optimizer-only or hyb
     sync_module_states: bool = False
     state_dict_type: Literal["sharded", "full"] = "sharded"
     tensor_parallel_degree: int = 1
+    fsdp_version: Literal[1, 2] = 1  # 1: FullyShardedDataParallel; 2: fully_shard (DTensor; CPU too)
 
     def check(self, problems: Problems) -> None:
         super().check(problems)
         world, tp = self.world_size(), self.tensor_parallel_degree
+        if self.fsdp_version == 2:
+            if self.sharding_strategy not in _FSDP2_STRATEGIES:
+                problems.add("sharding_strategy", f"{self.sharding_strategy} is not available "
+                             "with fsdp_version: 2 (Composer 0.32 builds its FSDP2 mesh without a "
+                             "replicate dimension); use FULL_SHARD or SHARD_GRAD_OP, or "
+                             "version: 1")
         if self.cpu_offload:
             problems.add("cpu_offload", "Composer 0.32 refuses FSDP parameter CPU offload "
                          "('FSDP CPU Offload not supported yet'); to save device memory use "
@@ -164,6 +188,9 @@ class FSDP(DDP, name="fsdp", description="FSDP (full, grad/optimizer-only or hyb
         if getattr(model, "num_experts", 0):
             problems.add(key, "no tensor-parallel plan for "
                          "mixture-of-experts layers")
+        if getattr(model, "position_embedding", "rope") == "alibi":
+            problems.add(key, "ALiBi's per-head slopes are not split over a tensor-parallel "
+                         "group; use position_embedding: rope")
         if getattr(optimizer, "weight_decay", 0):
             problems.add(key, "Composer 0.32's tensor parallelism takes one "
                          "optimizer parameter group, so norms and embeddings cannot be exempt "
@@ -173,6 +200,9 @@ class FSDP(DDP, name="fsdp", description="FSDP (full, grad/optimizer-only or hyb
 
     def shards_state(self) -> bool:
         return self.sharding_strategy != "NO_SHARD"
+
+    def data_replication(self) -> int:
+        return max(1, self.tensor_parallel_degree)
 
     def shard_degree(self) -> int:
         """Devices the model state is sharded over (1: not sharded)."""
@@ -194,7 +224,14 @@ class FSDP(DDP, name="fsdp", description="FSDP (full, grad/optimizer-only or hyb
             activation_checkpointing=self.activation_checkpointing,
             activation_offload=self.activation_cpu_offload)
 
+    def check_device(self, device: str, problems: Problems) -> None:
+        if device == "cpu" and self.fsdp_version == 1:
+            problems.add("parallelism.fsdp_version", "Composer 0.32's FSDP version 1 runs on CUDA "
+                         "devices only; on CPU processes use fsdp_version: 2")
+
     def trainer_kwargs(self) -> dict[str, Any]:
+        if self.fsdp_version == 2:
+            return {"parallelism_config": self._fsdp2_config()}
         fsdp: dict[str, Any] = {
             "sharding_strategy": self.sharding_strategy,
             "mixed_precision": self.mixed_precision,
@@ -211,39 +248,91 @@ class FSDP(DDP, name="fsdp", description="FSDP (full, grad/optimizer-only or hyb
             fsdp["data_parallel_replicate_degree"] = -1  # the rest of the world
         out: dict[str, Any] = {"fsdp": fsdp}
         if self.tensor_parallel_degree > 1:
-            out["tp"] = {"tensor_parallel_degree": self.tensor_parallel_degree,
-                         "layer_plan": self.tp_layer_plan()}
+            out["tp"] = self._tp_config()
         return {"parallelism_config": out}
 
-    def tp_layer_plan(self, prefix: str = "model.") -> dict[str, Any]:
+    def _fsdp2_config(self) -> dict[str, Any]:
+        import warnings
+
+        from composer.utils.parallelism import FSDP2Config
+
+        with warnings.catch_warnings():  # "experimental": said once, in docs/training.md
+            warnings.filterwarnings("ignore", "FSDP2 Config", UserWarning)
+            fsdp = FSDP2Config(
+                reshard_after_forward=_FSDP2_STRATEGIES[self.sharding_strategy],
+                activation_checkpointing=self.activation_checkpointing,
+                activation_cpu_offload=self.activation_cpu_offload,
+                state_dict_type=self.state_dict_type, mixed_precision=self.mixed_precision)
+        fsdp.sync_module_states = self.sync_module_states
+        out: dict[str, Any] = {"fsdp": fsdp}
+        if self.tensor_parallel_degree > 1:
+            out["tp"] = self._tp_config()
+        return out
+
+    def _tp_config(self) -> dict[str, Any]:
+        # the plan for the module prepare() saw (a GELU MLP has no w3), else every projection
+        names = getattr(self, "_module_names", None)
+        return {"tensor_parallel_degree": self.tensor_parallel_degree,
+                "layer_plan": self.tp_layer_plan(names=names)}
+
+    def tp_layer_plan(self, prefix: str = "model.", names: Any = None) -> dict[str, Any]:
         """torch's tensor-parallel plan for Llama blocks, keyed by module path in the
         Composer model (the trainer's ``CausalLM`` holds the module as ``model``):
         column-wise for q/k/v and the MLP's gate and up projections, row-wise for the
-        attention output and the MLP's down projection."""
+        attention output and the MLP's down projection. ``names``: the plain module's
+        submodule names, to leave out projections it does not have."""
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-        plan: dict[str, Any] = {f"{prefix}layers.*.attention.{n}": ColwiseParallel()
-                                for n in TP_COLWISE[:3]}
-        plan.update({f"{prefix}layers.*.feed_forward.{n}": ColwiseParallel() for n in TP_COLWISE[3:]})
-        plan[f"{prefix}layers.*.attention.wo"] = RowwiseParallel()
-        plan[f"{prefix}layers.*.feed_forward.w2"] = RowwiseParallel()
-        return plan
+        col, row = _keeping_optimizer(ColwiseParallel, self), _keeping_optimizer(RowwiseParallel, self)
+        styles = {f"attention.{n}": col for n in TP_COLWISE[:3]}
+        styles.update({f"feed_forward.{n}": col for n in TP_COLWISE[3:]})
+        styles["attention.wo"] = row
+        styles["feed_forward.w2"] = row
+        have = {n.split(".", 2)[-1] for n in names if n.startswith("layers.")} if names else None
+        return {f"{prefix}layers.*.{path}": style() for path, style in styles.items()
+                if have is None or path in have}
+
+    def prepare_optimizer(self, optimizer: Any) -> None:
+        self._optimizer = optimizer  # the tensor-parallel styles swap its parameters
 
     def prepare(self, module: Any) -> None:
+        import torch
         from torch import nn
 
+        if self.fsdp_version == 1 and not torch.cuda.is_available():
+            raise StageError("parallelism: Composer 0.32's FSDP version 1 needs CUDA devices "
+                             "(it asks torch.cuda for the current device); on CPU processes "
+                             "set parallelism.fsdp_version: 2")
         if self.tensor_parallel_degree > 1:
-            raise StageError(
-                "parallelism.tensor_parallel_degree > 1 validates and plans, but does not train "
-                "yet: the Llama attention reshapes with the global head count and the training "
-                "loader does not give the ranks of a tensor-parallel group the same batch "
-                "(docs/training.md, 'Parallelism and memory'); set tensor_parallel_degree: 1")
+            self._module_names = [n for n, _ in module.named_modules()]
         blocks = {id(m) for lst in module.modules() if isinstance(lst, nn.ModuleList) for m in lst}
         if not blocks:
             raise StageError(f"fsdp: {type(module).__name__} has no nn.ModuleList of blocks to wrap")
         # Composer's hooks (composer.distributed.dist_strategy): called for every submodule
         module.fsdp_wrap_fn = lambda m: id(m) in blocks
         module.activation_checkpointing_fn = lambda m: id(m) in blocks
+
+
+def _keeping_optimizer(style: type, owner: FSDP) -> type:
+    """``style`` (a torch tensor-parallel style) that, having replaced a module's weights by
+    sharded ``DTensor`` parameters, puts them in place of the old ones in the optimizer the
+    parallelism was given (``prepare_optimizer``). Composer 0.32 applies the plan after the
+    optimizer is built; its FSDP2 path then looks the optimizer's parameters up in the model
+    and would not find the replaced ones."""
+
+    class Keeping(style):  # type: ignore[misc, valid-type]
+        def _apply(self, module: Any, device_mesh: Any) -> Any:
+            old = dict(module.named_parameters(recurse=False))
+            out = super()._apply(module, device_mesh)
+            optimizer = getattr(owner, "_optimizer", None)
+            if optimizer is not None:
+                swap = {id(p): module.get_parameter(n) for n, p in old.items()}
+                for group in optimizer.param_groups:
+                    group["params"] = [swap.get(id(p), p) for p in group["params"]]
+            return out
+
+    Keeping.__name__ = Keeping.__qualname__ = f"Keeping{style.__name__}"
+    return Keeping
 
 
 COMPONENTS = [SingleDevice, DDP, FSDP]

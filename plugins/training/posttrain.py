@@ -26,7 +26,10 @@ directory with ``autoresume`` (a killed stage resumes at its last checkpoint, at
 batch of the same epoch order), a fingerprint of the tokenized training data in every
 checkpoint. The output is a ``checkpoint`` artifact of the pretrained model's architecture
 and context (``model.safetensors`` + ``model.json``), so ``heldout_eval``, ``lm_eval``,
-``code_exec_eval`` and ``hf_export`` read it unchanged.
+``code_exec_eval`` and ``hf_export`` read it unchanged. Both stages are ``distributed`` as
+``composer_train`` is, through the same launcher (``worker.run_share``): more than one
+process per node, or more than one node, and each node launches its share of the ranks
+into one run; node 0 commits.
 
 This module stays light (no torch at import); the training bodies are in ``trainer.py``.
 """
@@ -227,8 +230,10 @@ def num_batches(max_duration: str, global_batch_size: int, batches_per_epoch: in
 
 
 @dataclass(kw_only=True)
-class PostTrainStage(Stage):
-    """What ``sft`` and ``dpo`` share (no name: not registered)."""
+class PostTrainStage(Stage, distributed=True):
+    """What ``sft`` and ``dpo`` share (no name: not registered). Distributed like
+    ``composer_train``: in a multi-node job node 0 runs the stage and commits it, every
+    other node launches its own processes into the same run (``run_follower``)."""
 
     optimizer: Optimizer = field(default_factory=AdamW)
     scheduler: Scheduler = field(default_factory=CosineWarmup)
@@ -277,19 +282,42 @@ class PostTrainStage(Stage):
         if self.device == "cpu" and self.precision != "fp32":
             problems.add("precision", f"{self.precision} needs a GPU; set precision: fp32 for "
                          "device: cpu")
+        self.parallelism.check_device(self.device, problems)
+
+    def preflight(self, ctx: StageContext) -> None:
+        """What every node checks before launching anything (each worker would find the same
+        problems, later and behind the launcher's output): the tokenizer's chat tokens, the
+        row length against the checkpoint's context, and ``global_batch_size`` against the
+        run's processes (``ctx.num_nodes`` x the parallelism's processes per node)."""
+        from recipe_engine.artifacts import load_tokenizer, read_model_spec
+
+        chat_token_ids(load_tokenizer(ctx.inputs["tokenizer"].path), self.name)
+        context = int(read_model_spec(ctx.inputs["checkpoint"].path)["max_seq_len"])
+        if self.max_seq_len > context:
+            raise StageError(f"{self.name}: max_seq_len={self.max_seq_len} is longer than the "
+                             f"checkpoint's context of {context} tokens; use at most {context} "
+                             "(or 0)")
+        nproc = self.parallelism.num_processes_per_node()
+        world = nproc * ctx.num_nodes
+        if self.global_batch_size % world:
+            raise StageError(f"{self.name}: global_batch_size={self.global_batch_size} is not "
+                             f"divisible by the run's {world} processes ({ctx.num_nodes} node(s) "
+                             f"x {nproc}); use a multiple of {world}")
 
     def run(self, ctx: StageContext) -> None:
-        import os
+        """One process here, or this node's share of ``ctx.num_nodes`` x the parallelism's
+        processes per node, launched (``worker.py``; the workers run ``train_posttrain``)."""
+        from .worker import run_share
 
-        nproc = self.parallelism.num_processes_per_node()
-        if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            from .worker import launch
+        self.preflight(ctx)
+        run_share(self, ctx)
 
-            launch(self, ctx, nproc)  # type: ignore[arg-type]  (the worker calls trainer.train)
-        else:
-            from .trainer import train
+    def run_follower(self, ctx: StageContext) -> None:
+        """On a node other than node 0: launch this node's processes into node 0's run."""
+        from .worker import run_share
 
-            train(self, ctx)  # type: ignore[arg-type]
+        self.preflight(ctx)
+        run_share(self, ctx)
 
 
 @dataclass(kw_only=True)

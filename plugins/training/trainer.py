@@ -42,7 +42,7 @@ from .assembly import (Processes, build_module, finish, fit, make_trainer, proce
 from .callbacks import CURVES_FILE, DataFingerprint, SampleTrace, write_curves
 from .checkpoints import checkpoint_dir, load_start
 from .data import (CollatePairs, CollateRows, batch_samples, batch_tokens, dpo_rows,
-                   mixed_data_fingerprint, num_tokens, pretrain_loaders, read_records,
+                   counted, mixed_data_fingerprint, pretrain_loaders, read_records,
                    rows_digest, rows_loader, sft_rows, shard_streams, stream_cache)
 from .objectives import CausalLM, ChatLM, PreferenceLM, masked_loss, pair_logps, scored_pad_id
 from .safe_load import guard_checkpoint_loads
@@ -56,7 +56,9 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     """Train, write the checkpoint artifact into ``ctx.output`` (rank 0), fill ``ctx.meta``
     and ``ctx.metrics``. ``cache_tag`` names this attempt's stream cache (the launcher gives
     every rank the same one). Returns ``{"meta": ..., "metrics": ...}``."""
-    if stage.name in ("sft", "dpo"):  # the post-training stages (also in launched workers)
+    from .posttrain import PostTrainStage
+
+    if isinstance(stage, PostTrainStage):  # sft, dpo, subclasses (also in launched workers)
         return train_posttrain(stage, ctx, cache_tag)
     guard_checkpoint_loads()
     started = time.perf_counter()
@@ -68,7 +70,7 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
     # data: this attempt's cache (only used for compressed shards)
     cache = stream_cache(ctx, cache_tag)
     train_loader, eval_loader = pretrain_loaders(stage, streams, proportions, cache,
-                                                 procs.device_batch)
+                                                 procs.device_batch, procs.replication)
     batches_per_epoch = len(train_loader)
     if eval_loader is None and procs.main:
         ctx.log("the shards have no validation sequences: no val_loss")
@@ -91,9 +93,10 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
                   seq_len)
 
     run = make_trainer(stage, ctx, procs, objective, model_cfg, vocab_size, seq_len,
-                       DataSpec(train_loader, get_num_tokens_in_batch=num_tokens), batches,
+                       counted(train_loader, procs.replication), batches,
                        [fingerprint, guard, *SampleTrace.from_env([Path(a.path) for a in streams])],
-                       validation_evaluator(eval_loader, stage) if eval_loader else None)
+                       validation_evaluator(eval_loader, stage, procs.replication)
+                       if eval_loader else None)
     resumed_from = fit(run, ctx, procs, fingerprint.checked)
     steps = int(run.trainer.state.timestamp.batch)
     tokens_trained = int(run.trainer.state.timestamp.token) or steps * tokens_per_batch

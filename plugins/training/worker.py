@@ -92,6 +92,7 @@ def launch(stage: "ComposerTrain", ctx: StageContext, nproc: int) -> None:
         "work": str(ctx.work),
         "cache_tag": uuid.uuid4().hex[:12],
         "result": str(result),
+        "max_skip_fraction": ctx.max_skip_fraction,
         "parent_pid": os.getpid(),
         "host": socket.gethostname(),
     }
@@ -135,6 +136,7 @@ def launch(stage: "ComposerTrain", ctx: StageContext, nproc: int) -> None:
     out = json.loads(result.read_text())
     ctx.meta.update(out["meta"])
     ctx.metrics.update(out["metrics"])
+    ctx.counts.update(out.get("counts", {}))  # records in / skipped, as counted by rank 0
 
 
 def _forward(ctx: StageContext, msg: dict[str, Any]) -> None:
@@ -142,6 +144,22 @@ def _forward(ctx: StageContext, msg: dict[str, Any]) -> None:
         ctx.progress(*msg["progress"])
     elif "log" in msg:
         ctx.log(msg["log"])
+
+
+def run_share(stage: Any, ctx: StageContext) -> None:
+    """A training stage's share of its run on this node, for its ``run`` (node 0) and its
+    ``run_follower`` (the other nodes): this node's processes launched (``launch``) when the
+    parallelism asks for more than one or the job has more than one node; else one process,
+    this one (``trainer.train``, which hands ``sft`` / ``dpo`` to their body), with
+    ``world_size`` and ``num_nodes`` 1 in the meta as a launched run records them."""
+    nproc = stage.parallelism.num_processes_per_node()
+    if nproc > 1 or ctx.num_nodes > 1:
+        launch(stage, ctx, nproc)
+    else:
+        from .trainer import train
+
+        train(stage, ctx)
+        ctx.meta.update(world_size=1, num_nodes=1)
 
 
 # -- the worker's side -----------------------------------------------------------------------
@@ -209,11 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         build=registry.build,
         progress=(lambda st, done, total, unit: _emit({"progress": [done, total, unit]}))
         if rank == 0 else None,
+        max_skip_fraction=float(spec.get("max_skip_fraction", 0.05)),
     )
     out = train(stage, ctx, cache_tag=spec["cache_tag"])
     launch_meta = _gather_launch(spec)
     if rank == 0:
         out["meta"].update(launch_meta)
+        out["counts"] = dict(ctx.counts)
         result = Path(spec["result"])
         tmp = result.with_suffix(".tmp")
         tmp.write_text(json.dumps(out, default=str))

@@ -4,10 +4,9 @@ validation with key-naming errors, per-device memory under each strategy (the 7b
 recipe fits its 8 x 80 GB, the 70B shape without checkpointing does not), and amp_fp8
 refused cleanly where it cannot run.
 
-Not tested here: a tensor-parallel run (``tensor_parallel_degree > 1`` validates, plans and
-maps onto Composer's ``tp`` config, but training with it is refused until the Llama
-attention reshapes with the local head count and the loader replicates batches over the
-tensor-parallel group: docs/training.md).
+Also the pieces of a tensor-parallel run that need no processes: the layer plan, the
+attention's head count taken from its projections, and the clipping across device meshes.
+The multi-process runs (FSDP version 2, tensor parallelism) are in test_training.py (slow).
 """
 from __future__ import annotations
 
@@ -88,6 +87,37 @@ def test_fsdp_refuses_what_composer_would(params, key, words):
     assert [p.key for p in e.value.problems] == [key] and words in str(e.value)
 
 
+def test_fsdp_version_2_maps_onto_composers_fsdp2_config():
+    from composer.utils.parallelism import FSDP2Config
+
+    cfg = FSDP(num_processes=2, fsdp_version=2, sharding_strategy="SHARD_GRAD_OP",
+               activation_checkpointing=True, sync_module_states=True
+               ).trainer_kwargs()["parallelism_config"]
+    fsdp = cfg["fsdp"]
+    assert isinstance(fsdp, FSDP2Config) and "tp" not in cfg
+    assert fsdp.reshard_after_forward is False and fsdp.activation_checkpointing
+    assert fsdp.sync_module_states and fsdp.mixed_precision == "PURE"
+    full = FSDP(num_processes=2, fsdp_version=2).trainer_kwargs()["parallelism_config"]["fsdp"]
+    assert full.reshard_after_forward is True
+
+
+@pytest.mark.parametrize("strategy", ["HYBRID_SHARD", "NO_SHARD"])
+def test_fsdp_version_2_refuses_strategies_it_cannot_build(strategy):
+    with pytest.raises(RecipeError) as e:
+        FSDP(num_processes=4, num_nodes=2, fsdp_version=2, sharding_strategy=strategy)
+    assert "sharding_strategy" in [p.key for p in e.value.problems] and "fsdp_version: 2" in str(e.value)
+
+
+def test_fsdp_version_1_on_cpu_is_refused_with_the_way_out():
+    with pytest.raises(RecipeError) as e:
+        train(device="cpu", precision="fp32",
+              parallelism={"name": "fsdp", "num_processes": 2})
+    assert [p.key for p in e.value.problems] == ["parallelism.fsdp_version"]
+    assert "fsdp_version: 2" in str(e.value)
+    train(device="cpu", precision="fp32",
+          parallelism={"name": "fsdp", "num_processes": 2, "fsdp_version": 2})
+
+
 def test_hybrid_with_a_declared_group_on_one_node_is_valid():
     fsdp = FSDP(num_processes=8, sharding_strategy="HYBRID_SHARD", shard_group_size=4)
     assert fsdp.shard_degree() == 4 and fsdp.sharding().optimizer == 4
@@ -121,12 +151,61 @@ def test_tensor_parallel_plan_names_the_llama_projections():
     names = [n for n, _ in holder.named_modules()]
     matched = {pattern: [n for n in names if fnmatch.fnmatchcase(n, pattern)] for pattern in plan}
     assert all(len(m) == 2 for m in matched.values()), matched  # one per layer
-    styles = {n.rsplit(".", 1)[1]: type(s) for n, s in plan.items()}
+    styles = {n.rsplit(".", 1)[1]: type(s).__mro__[1] for n, s in plan.items()}
     assert styles == {"wq": ColwiseParallel, "wk": ColwiseParallel, "wv": ColwiseParallel,
                       "w1": ColwiseParallel, "w3": ColwiseParallel,
                       "wo": RowwiseParallel, "w2": RowwiseParallel}
-    with pytest.raises(StageError, match="tensor_parallel_degree"):
-        FSDP(num_processes=4, tensor_parallel_degree=2).prepare(holder.model)
+    # prepared on a GELU model (no gate projection), the plan leaves w3 out
+    gelu = Llama(dim=64, n_layers=2, n_heads=4, multiple_of=32, mlp="gelu").build(64, 32)
+    fsdp = FSDP(num_processes=4, tensor_parallel_degree=2, fsdp_version=2)
+    fsdp.prepare(gelu)
+    layer_plan = fsdp.trainer_kwargs()["parallelism_config"]["tp"]["layer_plan"]
+    assert sorted(p.rsplit(".", 1)[1] for p in layer_plan) == ["w1", "w2", "wk", "wo", "wq", "wv"]
+
+
+def test_fsdp_version_1_without_cuda_stops_with_the_way_out():
+    import torch
+
+    from recipe_engine_plugins.models import Llama
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    module = Llama(dim=64, n_layers=2, n_heads=4, multiple_of=32).build(64, 32)
+    with pytest.raises(StageError, match="fsdp_version: 2"):
+        FSDP(num_processes=2).prepare(module)
+
+
+def test_attention_heads_follow_the_projections():
+    """Under tensor parallelism each rank's wq/wk/wv hold a share of the heads, so the
+    attention must count heads from the projections' outputs, not from n_heads. Split
+    2 ways by hand (q heads 0-1 with kv head 0, q heads 2-3 with kv head 1, wo by its input
+    columns), the two shares' outputs add up to the whole attention's."""
+    import copy
+
+    import torch
+
+    from recipe_engine_plugins.models import Llama
+
+    torch.manual_seed(0)
+    full = Llama(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, multiple_of=32).build(64, 32)
+    attn = full.layers[0].attention
+    hd = attn.head_dim
+    x = torch.randn(2, 8, 64)
+
+    def share(i: int) -> torch.nn.Module:
+        part = copy.deepcopy(attn)
+        for name, rows in (("wq", 2 * hd), ("wk", hd), ("wv", hd)):
+            w = getattr(attn, name).weight.data[i * rows:(i + 1) * rows]
+            setattr(part, name, torch.nn.Linear(64, rows, bias=False))
+            getattr(part, name).weight.data = w.clone()
+        part.wo = torch.nn.Linear(2 * hd, 64, bias=False)
+        part.wo.weight.data = attn.wo.weight.data[:, i * 2 * hd:(i + 1) * 2 * hd].clone()
+        return part
+
+    with torch.no_grad():
+        whole = attn(x, None, None)
+        split = share(0)(x, None, None) + share(1)(x, None, None)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
 
 
 # -- the memory planner -----------------------------------------------------------------------
@@ -264,3 +343,26 @@ def test_parallelism_components_are_registered_and_reexported():
     assert {"single", "ddp", "fsdp"} <= set(reg.names("parallelism"))
     assert (SingleDevice, DDP, FSDP) == (parallel.SingleDevice, parallel.DDP, parallel.FSDP)
     assert planner.Sharding() == SingleDevice().sharding()
+
+
+def test_mesh_clipping_matches_torch_on_plain_gradients():
+    """The tensor-parallel runs' clipping (norms reduced per device mesh) scales plain
+    gradients exactly as torch's clip_grad_norm_ does, and leaves small ones alone."""
+    import torch
+
+    from recipe_engine_plugins.training.clipping import clip_grad_norm
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn_like(p) * 3
+        q.grad = p.grad.clone()
+    ours = clip_grad_norm(a, 1.0)
+    theirs = torch.nn.utils.clip_grad_norm_(b, 1.0)
+    assert ours == pytest.approx(float(theirs), rel=1e-6) and ours > 1.0
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.grad, q.grad)
+    small = [p.grad.clone() for p in a]
+    clip_grad_norm(a, 1e6)
+    assert all(torch.equal(p.grad, s) for p, s in zip(a, small))

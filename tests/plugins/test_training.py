@@ -195,7 +195,8 @@ def test_parallelism_components():
     assert cfg["sharding_strategy"] == "FULL_SHARD" and cfg["mixed_precision"] == "PURE"
     assert cfg["activation_checkpointing"] and cfg["state_dict_type"] == "sharded"
     module = Llama(dim=32, n_layers=2, n_heads=2, multiple_of=32).build(VOCAB, SEQ_LEN)
-    fsdp.prepare(module)
+    # marks the blocks for either version (version 1 itself needs CUDA to go further)
+    FSDP(num_processes=4, activation_checkpointing=True, fsdp_version=2).prepare(module)
     wrapped = [m for m in module.modules() if module.fsdp_wrap_fn(m)]
     assert wrapped == list(module.layers)
     assert all(module.activation_checkpointing_fn(m) for m in module.layers)
@@ -321,6 +322,65 @@ def test_two_process_ddp_on_cpu(tmp_path, zstd_shards):
     assert art.manifest["metrics"]["val_loss"] < math.log(VOCAB)
     assert (art.path / "model.safetensors").exists()
     assert (tmp_path / "work" / "launch" / "result.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_fsdp_on_cpu_resumes_from_its_sharded_checkpoint(tmp_path, zstd_shards):
+    """FSDP version 2 (torch's fully_shard) over two gloo processes: the run finishes, its
+    sharded checkpoint (one file per rank) loads through the safe loader on a rerun, and the
+    gathered weights equal the full model's."""
+    import torch
+    from safetensors.torch import load_file
+
+    params = dict(max_duration="6ba", save_interval="3ba",
+                  parallelism={"name": "fsdp", "num_processes": 2, "fsdp_version": 2})
+    art = run_stage(stage(**params), tmp_path, {"shards": zstd_shards})
+    meta = art.manifest["meta"]
+    assert meta["steps"] == 6 and meta["world_size"] == 2
+    assert art.manifest["metrics"]["val_loss"] < math.log(VOCAB)
+    # one file per rank (torch.distributed.checkpoint's __<rank>_<n>.distcp)
+    ranks = {p.name.split("_")[2] for p in (tmp_path / "work" / "checkpoints" / "ep0-ba6")
+             .glob("*.distcp")}
+    assert ranks == {"0", "1"}
+    weights = load_file(art.path / "model.safetensors")
+    n = sum(t.numel() for t in weights.values())
+    assert n == stage(**params).model.num_params(VOCAB, embeddings=True)
+    # a rerun in the same work folder resumes from the batch-6 sharded checkpoint
+    import shutil
+    shutil.rmtree(art.path)
+    again = run_stage(stage(**params), tmp_path, {"shards": zstd_shards})
+    assert again.manifest["meta"]["resumed_from_step"] == 6
+    b = load_file(again.path / "model.safetensors")
+    assert all(torch.equal(weights[k], b[k]) for k in weights)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_on_cpu_trains_as_fsdp_alone_does(tmp_path, zstd_shards):
+    """Four gloo processes: FSDP over 2 x tensor parallelism over 2 (each block's
+    projections split in two, both ranks of a pair reading the same batch) against FSDP
+    over 2 alone, same seed, data and global batch: the same samples in the same order
+    (tokens counted once, not per tensor-parallel rank) and the same weights up to
+    floating-point summation order."""
+    import torch
+    from safetensors.torch import load_file
+
+    common = dict(max_duration="4ba", save_interval="2ba",
+                  optimizer={"name": "adamw", "lr": 1e-2, "weight_decay": 0.0})
+    fsdp = {"name": "fsdp", "num_processes": 2, "fsdp_version": 2}
+    alone = run_stage(stage(parallelism=fsdp, **common), tmp_path / "fsdp", {"shards": zstd_shards})
+    tp = run_stage(stage(parallelism={**fsdp, "num_processes": 4, "tensor_parallel_degree": 2},
+                         **common), tmp_path / "tp", {"shards": zstd_shards})
+    assert tp.manifest["meta"]["world_size"] == 4
+    assert tp.manifest["meta"]["tokens_trained"] == alone.manifest["meta"]["tokens_trained"] \
+        == 4 * 16 * SEQ_LEN
+    a, b = load_file(alone.path / "model.safetensors"), load_file(tp.path / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert tp.manifest["metrics"]["val_loss"] == pytest.approx(
+        alone.manifest["metrics"]["val_loss"], rel=1e-4)
 
 
 def test_repair_checkpoints_before_autoresume(tmp_path):
