@@ -21,20 +21,22 @@ from composer.core import Algorithm, Event
 
 def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of all ``grads`` together (plain or ``DTensor``, on any meshes), as a
-    plain fp32 tensor on every rank."""
+    plain fp32 tensor on every rank: NaN or infinite when any gradient is (the stability
+    guard's test)."""
     from torch.distributed.tensor import DTensor
 
     groups: dict[Any, list[torch.Tensor]] = {}
     plain: list[torch.Tensor] = []
     for g in grads:
-        n = torch.linalg.vector_norm(g, 2.0, dtype=torch.float32)
-        if isinstance(n, DTensor):
+        if isinstance(g, DTensor):
+            n = torch.linalg.vector_norm(g, 2.0, dtype=torch.float32)
             groups.setdefault((n.device_mesh, n.placements), []).append(n)
         else:
-            plain.append(n)
+            plain.append(g)
     parts = [torch.linalg.vector_norm(torch.stack(ns), 2.0).full_tensor()
              for ns in groups.values()]
-    parts += plain
+    if plain:  # torch's own multi-tensor (foreach) norm
+        parts.append(torch.nn.utils.get_total_norm(plain, 2.0).float())
     if not parts:
         return torch.zeros(())
     device = parts[0].device

@@ -34,12 +34,14 @@ MIN_RELATIVE_STD = 0.02  # the spike test's deviation is at least 2% of the runn
 
 class StabilityGuard(Callback):
     def __init__(self, skip_nonfinite: bool = True, spike_threshold: float = 0.0,
-                 spike_warmup: int = 20, beta: float = 0.98, max_skipped: int = 0):
+                 spike_warmup: int = 20, beta: float = 0.98, max_skipped: int = 0,
+                 replication: int = 1):
         self.skip_nonfinite = skip_nonfinite
         self.spike_threshold = spike_threshold
         self.spike_warmup = spike_warmup
         self.beta = beta
         self.max_skipped = max_skipped  # 0: no limit; else fail past this many skips
+        self.replication = replication  # ranks reading the same batch (tensor parallelism)
         self.mean = 0.0
         self.var = 0.0
         self.seen = 0
@@ -57,6 +59,8 @@ class StabilityGuard(Callback):
     def _reason(self, state: State) -> tuple[str, float]:
         import torch
 
+        from .clipping import total_grad_norm
+
         loss_t = state.loss
         if isinstance(loss_t, dict):
             loss_t = loss_t.get("total", next(iter(loss_t.values())))
@@ -64,9 +68,10 @@ class StabilityGuard(Callback):
         if self.skip_nonfinite:
             if not math.isfinite(loss):
                 return "nonfinite_loss", loss
-            for p in state.model.parameters():
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    return "nonfinite_grad", loss
+            # one multi-tensor norm, one sync: NaN/Inf in any gradient makes it non-finite
+            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+            if grads and not math.isfinite(float(total_grad_norm(grads))):
+                return "nonfinite_grad", loss
         if self.spike_threshold > 0 and math.isfinite(loss) and self.seen >= self.spike_warmup:
             std = max(math.sqrt(max(self.var, 0.0)), MIN_RELATIVE_STD * abs(self.mean))
             if std > 0 and loss > self.mean + self.spike_threshold * std:
@@ -85,7 +90,8 @@ class StabilityGuard(Callback):
             for p in state.model.parameters():
                 p.grad = None
             batch = int(state.timestamp.batch)
-            size = int(state.batch.shape[0]) * dist.get_world_size() if hasattr(state.batch, "shape") else 0
+            readers = dist.get_world_size() // max(1, self.replication)
+            size = int(state.batch.shape[0]) * readers if hasattr(state.batch, "shape") else 0
             start = int(state.timestamp.sample_in_epoch)
             self.skipped.append({"step": batch + 1, "epoch": int(state.timestamp.epoch),
                                  "samples_in_epoch": [start, start + size],

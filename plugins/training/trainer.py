@@ -87,7 +87,7 @@ def train(stage: "ComposerTrain", ctx: StageContext, cache_tag: str | None = Non
                                   Path(streams[0].path), checkpoint_dir(ctx), ctx.stage)
     guard = StabilityGuard(skip_nonfinite=stage.skip_nonfinite,
                            spike_threshold=stage.spike_threshold, spike_warmup=stage.spike_warmup,
-                           max_skipped=stage.max_skipped_batches)
+                           max_skipped=stage.max_skipped_batches, replication=procs.replication)
     if procs.main:
         _describe(stage, ctx, procs, streams, proportions, num_params, batches, batches_per_epoch,
                   seq_len)
