@@ -21,7 +21,7 @@ import pytest
 from recipe_engine import StageContext, StageError, check_declaration
 from recipe_engine.testing import InlineExecutor
 from recipe_engine_plugins.training.posttrain import DPO, SFT
-from test_multinode_training import free_port, node_tmpdir
+from test_multinode_training import free_port, node_tmpdir, run_nodes
 from test_posttrain import MODEL, base_ckpt, conversations, sft, tok, tok_art, tokenizer_stage  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,22 +119,9 @@ def test_sft_on_two_nodes(tmp_path):
     assert first.returncode == 0, err[-6000:]
 
     port = str(free_port())
-    procs = {}
-    for rank in (1, 0):  # the follower first: it waits for node 0
-        procs[rank] = recipe_run(recipe, dict(
-            NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-            RECIPE_STORE=str(store), TMPDIR=str(node_tmpdir(tmp_path, rank, 2))))
-    results = {}
-    for rank in (0, 1):
-        try:
-            out, err = procs[rank].communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for p in procs.values():
-                p.kill()
-            raise
-        results[rank] = (procs[rank].returncode, out, err)
-    for rank, (rc, out, err) in results.items():
-        assert rc == 0, f"node {rank}:\n{err[-6000:]}"
+    procs, results = run_nodes(lambda rank: recipe_run(recipe, dict(
+        NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+        RECIPE_STORE=str(store), TMPDIR=str(node_tmpdir(tmp_path, rank, 2)))), timeout=300)
     s0, s1 = (json.loads(results[r][1]) for r in (0, 1))
 
     # node 0 made the conversations and ran sft; node 1 waited for them and joined sft

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -76,24 +77,16 @@ def node_tmpdir(root: Path, rank: int, nnodes: int) -> Path:
     return d
 
 
-def test_two_nodes_of_two_processes(tmp_path):
-    recipe = tmp_path / "two_nodes.yaml"
-    recipe.write_text(RECIPE)
-    store = tmp_path / "store"
-    port = str(free_port())
-    procs = {}
-    for rank in (1, 0):  # the follower first: it waits for node 0's commits
-        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-        env.update(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   RECIPE_STORE=str(store), OMP_NUM_THREADS="1",
-                   TMPDIR=str(node_tmpdir(tmp_path, rank, 2)))
-        procs[rank] = subprocess.Popen(
-            [sys.executable, "-m", "recipe_engine.cli", "run", str(recipe), "--json"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_nodes(run: Callable[[int], subprocess.Popen], timeout: int,
+              nnodes: int = 2) -> tuple[dict[int, subprocess.Popen], dict[int, tuple[int, str, str]]]:
+    """Start one ``recipe run`` per simulated node (``run(rank)``; the followers first: they
+    wait for node 0's commits), wait for all, and assert each exited 0. Returns the
+    processes and, per rank, ``(returncode, stdout, stderr)``."""
+    procs = {rank: run(rank) for rank in reversed(range(nnodes))}
     results = {}
-    for rank in (0, 1):
+    for rank in range(nnodes):
         try:
-            out, err = procs[rank].communicate(timeout=900)
+            out, err = procs[rank].communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in procs.values():
                 p.kill()
@@ -101,6 +94,25 @@ def test_two_nodes_of_two_processes(tmp_path):
         results[rank] = (procs[rank].returncode, out, err)
     for rank, (rc, out, err) in results.items():
         assert rc == 0, f"node {rank}:\n{err[-6000:]}"
+    return procs, results
+
+
+def test_two_nodes_of_two_processes(tmp_path):
+    recipe = tmp_path / "two_nodes.yaml"
+    recipe.write_text(RECIPE)
+    store = tmp_path / "store"
+    port = str(free_port())
+
+    def node(rank: int) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        env.update(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   RECIPE_STORE=str(store), OMP_NUM_THREADS="1",
+                   TMPDIR=str(node_tmpdir(tmp_path, rank, 2)))
+        return subprocess.Popen(
+            [sys.executable, "-m", "recipe_engine.cli", "run", str(recipe), "--json"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs, results = run_nodes(node, timeout=900)
     s0, s1 = (json.loads(results[r][1]) for r in (0, 1))
     err1 = results[1][2]
 

@@ -13,11 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 import pytest
 
-from recipe_engine import Artifact, RecipeError, Stage, hookimpl
+from recipe_engine import Artifact, RecipeError
 from recipe_engine.component import instantiate
 from recipe_engine.plugins import PluginManager
 from recipe_engine.testing import run_stage
@@ -114,23 +113,11 @@ stages:
 """
 
 
-@dataclass(kw_only=True)
-class FakeShards(Stage, name="fake_shards", output="shards"):
-    """Stands in for a shards stage in validation tests."""
-
-
-class FakeShardsPlugin:
-    @hookimpl
-    def recipe_components(self):
-        return [FakeShards]
-
-
-def test_recipe_validation_reports_every_training_mistake(tmp_path):
+def test_recipe_validation_reports_every_training_mistake(tmp_path, fake_shards_pm):
     from recipe_engine.config import load
     from recipe_engine.validate import validate
 
-    pm = PluginManager()
-    pm.register(FakeShardsPlugin(), "fake")
+    pm = fake_shards_pm
     (tmp_path / "t.yaml").write_text(RECIPE)
     with pytest.raises(RecipeError) as e:
         validate(load(tmp_path / "t.yaml", [], pm.config_dirs()), pm.registry)
