@@ -597,10 +597,7 @@ def _join_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec
     ctx = StageContext(
         stage=spec.name,
         fingerprint=fp,
-        inputs={slot: artifacts[up if isinstance(up, str) else up[0]]
-                for slot, up in spec.inputs.items()},
-        input_lists={slot: [artifacts[u] for u in ([up] if isinstance(up, str) else up)]
-                     for slot, up in spec.inputs.items()},
+        **_slots(spec, artifacts),
         output=out.parent / f"out-node{nodes.rank}",  # node 0 commits; nothing is read here
         work=scratch,
         executor=executor,
@@ -621,6 +618,15 @@ def _join_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec
 def _headline(metrics: dict[str, Any], n: int = 3) -> str:
     items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))][:n]
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+
+def _slots(spec: StageSpec, artifacts: dict[str, Artifact]) -> dict[str, Any]:
+    """A stage context's ``inputs`` (each slot's first upstream artifact) and
+    ``input_lists`` (every upstream artifact of each slot, in order)."""
+    return {"inputs": {slot: artifacts[up if isinstance(up, str) else up[0]]
+                       for slot, up in spec.inputs.items()},
+            "input_lists": {slot: [artifacts[u] for u in ([up] if isinstance(up, str) else up)]
+                            for slot, up in spec.inputs.items()}}
 
 
 def _per_input(upstream: str | list[str], fn: Callable[[str], Any]) -> Any:
@@ -644,10 +650,7 @@ def _run_stage(recipe: Recipe, pm: PluginManager, store: Store, spec: StageSpec,
     ctx = StageContext(
         stage=spec.name,
         fingerprint=fp,
-        inputs={slot: artifacts[up if isinstance(up, str) else up[0]]
-                for slot, up in spec.inputs.items()},
-        input_lists={slot: [artifacts[u] for u in ([up] if isinstance(up, str) else up)]
-                     for slot, up in spec.inputs.items()},
+        **_slots(spec, artifacts),
         output=out,
         work=scratch,
         executor=executor,
